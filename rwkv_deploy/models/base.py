@@ -1,0 +1,48 @@
+"""What every RWKV version module provides. A version states only what differs (design.md §3)."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .common import Dims, Params, StateKind
+
+Shapes = dict[str, tuple[int, ...]]  # key suffix after `blocks.{i}.` -> canonical shape (time_* squeezed)
+
+
+class Version:
+    name: str = ""
+    rescalable: bool = True  # halving the residual stream for fp16 (spec §8.1); v7 has none
+    fp32_keys: frozenset[str] = frozenset()  # prepared keys that stay fp32 in an fp16 model (spec §8.2)
+
+    def read_dims(self, sd: dict[str, Tensor], d: Dims) -> None:
+        """Fill head count/size and LoRA widths of `d` from the shapes of layer 0."""
+        raise NotImplementedError
+
+    def layer_shapes(self, d: Dims, i: int, present: set[str]) -> Shapes:
+        """Required keys of layer i (present = the key suffixes layer i has)."""
+        raise NotImplementedError
+
+    def optional_shapes(self, d: Dims, i: int) -> Shapes:
+        """Keys accepted in layer i when present."""
+        return {}
+
+    def prepare(self, p: dict[str, Tensor], d: Dims, i: int) -> dict[str, Tensor]:
+        """Load-time preprocessing of one layer (spec §4); float32 or float64 in, same dtype out."""
+        raise NotImplementedError
+
+    def wkv_state(self, d: Dims) -> list[StateKind]:
+        """The per-layer WKV state tensors, between att_x and ffn_x."""
+        raise NotImplementedError
+
+    def initial_wkv_state(self, p: Params, kind: StateKind) -> Tensor | None:
+        """A per-layer initial value other than the fill value (state-tuned checkpoints), else None."""
+        return None
+
+    def time_mix(self, att: Params, xx: Tensor, sx: Tensor, state: dict[str, Tensor], carry):
+        """xx, sx [B, T, C] (normalised input and its shifted copy) -> (out [B, T, C], new wkv state, carry).
+
+        `carry` passes data from layer to layer within a token (v7's v_first); it starts as None.
+        """
+        raise NotImplementedError
+
+    def channel_mix(self, ffn: Params, xx: Tensor, sx: Tensor) -> Tensor:
+        raise NotImplementedError

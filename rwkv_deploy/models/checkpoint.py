@@ -1,0 +1,245 @@
+"""Checkpoint loading: BlinkDL .pth, .safetensors and Hugging Face RWKV-4 folders -> one validated form.
+
+Nothing here executes pickled code: .pth and .bin files go through torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+import re
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import RWKVDeployError
+from .common import Dims
+from .versions import VERSIONS, detect_version
+
+log = logging.getLogger(__name__)
+
+# Keys of variants the recurrent reference does not implement (spec §2): prefix/regex -> what it is.
+UNSUPPORTED = [
+    (r"^_", "a file already converted by ChatRWKV (pre-transposed weights, key '{key}'); use the original .pth"),
+    (r"\.ffn\.s_emb|\.ffn\.s[012]\b|^s_emb", "RWKV-7 DeepEmbed (key '{key}'), which is not supported"),
+    (r"head_q|head_k|^tiny_|pos_emb", "an RWKV-LM training option not in the recurrent model (key '{key}')"),
+    (r"time_maa_rkvw", "an RWKV-6.0b/c research variant (key '{key}'), which is not supported"),
+]
+
+# Hugging Face RWKV-4 names -> BlinkDL names (spec §3)
+HF_RENAMES = [
+    (r"^rwkv\.embeddings\.", "emb."), (r"^rwkv\.blocks\.0\.pre_ln\.", "blocks.0.ln0."), (r"^rwkv\.ln_out\.", "ln_out."),
+    (r"^rwkv\.blocks\.", "blocks."), (r"\.attention\.", ".att."), (r"\.feed_forward\.", ".ffn."),
+    (r"\.time_mix_key$", ".time_mix_k"), (r"\.time_mix_value$", ".time_mix_v"), (r"\.time_mix_receptance$", ".time_mix_r"),
+]
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint: BlinkDL key names, canonical shapes, the storage dtype kept."""
+
+    path: Path
+    format: str  # "pth", "safetensors" or "hf"
+    weights: dict[str, Tensor]
+    dims: Dims
+    notes: list[str] = field(default_factory=list)
+    tokenizer_file: Path | None = None  # an HF folder's tokenizer.json
+
+    @property
+    def version(self) -> str:
+        return self.dims.version
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return Counter(t.dtype for t in self.weights.values()).most_common(1)[0][0]
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.numel() for t in self.weights.values())
+
+    @cached_property
+    def sha256(self) -> str:
+        """Of the weights file (for a folder: of its weight files, in name order)."""
+        files = [self.path] if self.path.is_file() else sorted(
+            p for p in self.path.iterdir() if p.suffix in (".safetensors", ".bin"))
+        h = hashlib.sha256()
+        for f in files:
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        return h.hexdigest()
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise RWKVDeployError(f"checkpoint not found: {path}")
+    tokenizer = None
+    if path.is_dir():
+        sd, tokenizer = _read_hf_folder(path)
+        fmt = "hf"
+    else:
+        fmt, sd = _read_file(path)
+    return _validate(path, fmt, sd, tokenizer)
+
+
+def _read_file(path: Path) -> tuple[str, dict]:
+    size = path.stat().st_size
+    if size == 0:
+        raise RWKVDeployError(f"{path} is empty (0 bytes); expected a .pth or .safetensors checkpoint")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    is_torch = head[:2] == b"PK" or head[:1] == b"\x80"  # zip (torch.save) or legacy pickle
+    if path.suffix == ".safetensors" or (not is_torch and _looks_like_safetensors(path, size)):
+        return "safetensors", _read_safetensors(path)
+    if not is_torch:
+        raise RWKVDeployError(f"{path} is not a PyTorch (.pth) or safetensors checkpoint "
+                              f"(it starts with {head[:8]!r}); pass a BlinkDL .pth, a .safetensors file or an HF folder")
+    return "pth", _torch_load(path)
+
+
+def _looks_like_safetensors(path: Path, size: int) -> bool:
+    """safetensors = 8-byte little-endian header length, then a JSON header."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return 1 < n < size and fh.read(1) == b"{"
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise RWKVDeployError(f"{path} is not a valid safetensors file ({e}); the file may be truncated or corrupt")
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RWKVDeployError(
+            f"{path} holds objects other than tensors, which are never unpickled here (weights_only=True refused: "
+            f"{first[:200]}); save a plain state dict (torch.save(model.state_dict(), ...)) or use safetensors")
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError) as e:
+        raise RWKVDeployError(f"{path} could not be read as a PyTorch checkpoint ({str(e).splitlines()[0][:200]}); "
+                              "the file may be truncated or corrupt")
+
+
+def _read_hf_folder(path: Path) -> tuple[dict, Path | None]:
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise RWKVDeployError(f"{path} is a folder without config.json; pass a Hugging Face RWKV-4 model folder "
+                              "or a checkpoint file")
+    try:
+        config = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RWKVDeployError(f"{cfg} is not valid JSON ({e})")
+    if config.get("model_type") != "rwkv":
+        raise RWKVDeployError(f"{cfg} has model_type {config.get('model_type')!r}; only Hugging Face RWKV-4 "
+                              "folders (model_type 'rwkv') are supported")
+    shards = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not shards:
+        raise RWKVDeployError(f"{path} has no weights: expected model.safetensors or pytorch_model.bin beside config.json")
+    raw: dict = {}
+    for f in shards:
+        part = _read_safetensors(f) if f.suffix == ".safetensors" else _torch_load(f)
+        raw.update(part if isinstance(part, dict) else {})
+    sd = {}
+    for k, t in raw.items():
+        for pat, rep in HF_RENAMES:
+            k = re.sub(pat, rep, k)
+        sd[k] = t
+    tok = path / "tokenizer.json"
+    return sd, (tok if tok.exists() else None)
+
+
+def _validate(path: Path, fmt: str, sd, tokenizer) -> Checkpoint:
+    if not isinstance(sd, dict) or not sd:
+        raise RWKVDeployError(f"{path} holds a {type(sd).__name__}, not a state dict of tensors")
+    bad = [k for k, t in sd.items() if not isinstance(k, str) or not isinstance(t, Tensor)]
+    if bad:
+        raise RWKVDeployError(f"{path} is not a state dict of tensors (entry {bad[0]!r} is a "
+                              f"{type(sd[bad[0]]).__name__})")
+    for k in sd:
+        for pat, what in UNSUPPORTED:
+            if re.search(pat, k):
+                raise RWKVDeployError(f"{path} is {what.format(key=k)}")
+    if "emb.weight" not in sd or "head.weight" not in sd:
+        sample = ", ".join(list(sd)[:4])
+        raise RWKVDeployError(f"{path} is not an RWKV checkpoint: no 'emb.weight'/'head.weight' (keys start: {sample})")
+    if sd["emb.weight"].dim() != 2:
+        raise RWKVDeployError(f"'emb.weight' has shape {list(sd['emb.weight'].shape)}; expected [vocab, n_embd]")
+    V, C = sd["emb.weight"].shape
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not layers:
+        raise RWKVDeployError(f"{path} is not an RWKV checkpoint: no 'blocks.N.*' keys")
+    L = max(layers) + 1
+    version = detect_version(sd)
+    V_ = VERSIONS[version]
+    for key in ("blocks.0.att.key.weight", "blocks.0.ffn.key.weight"):
+        if key not in sd:
+            raise RWKVDeployError(f"{path}: missing key '{key}' (RWKV-{version} detected)")
+    d = Dims(version, L, C, sd["blocks.0.att.key.weight"].shape[0], sd["blocks.0.ffn.key.weight"].shape[0], 0, 0, V)
+    try:
+        V_.read_dims(sd, d)
+    except (KeyError, ValueError, IndexError) as e:
+        raise RWKVDeployError(f"{path}: RWKV-{version} detected but a key that sizes the heads is missing or "
+                              f"malformed ({e})")
+    expected = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
+                "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
+    optional = {}
+    for i in range(L):
+        present = {k[len(f"blocks.{i}."):] for k in sd if k.startswith(f"blocks.{i}.")}
+        for name, shape in {"ln1.weight": (C,), "ln1.bias": (C,), "ln2.weight": (C,), "ln2.bias": (C,),
+                            **V_.layer_shapes(d, i, present)}.items():
+            expected[f"blocks.{i}.{name}"] = shape
+        optional.update({f"blocks.{i}.{k}": s for k, s in V_.optional_shapes(d, i).items()})
+    weights = {}
+    for key, shape in expected.items():
+        if key not in sd:
+            raise RWKVDeployError(f"{path}: missing key '{key}' (RWKV-{version}, expected shape {list(shape)})")
+        weights[key] = _canonical(path, key, sd[key], shape)
+    for key in sd.keys() - expected.keys():
+        if key not in optional:
+            raise RWKVDeployError(f"{path}: unexpected key '{key}' for RWKV-{version}; this variant is not supported")
+        weights[key] = _canonical(path, key, sd[key], optional[key])
+    for key, t in weights.items():
+        if not t.is_floating_point():
+            raise RWKVDeployError(f"{path}: '{key}' has dtype {t.dtype}; expected floating-point weights")
+        if not bool(torch.isfinite(t).all()):
+            raise RWKVDeployError(f"{path}: '{key}' contains NaN or Inf values; the checkpoint is damaged")
+    notes = _notes(d, weights, sd)
+    log.info("loaded %s: RWKV-%s, %d layers, n_embd %d", path, version, L, C)
+    return Checkpoint(path, fmt, weights, d, notes, tokenizer)
+
+
+def _canonical(path: Path, key: str, t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Accept [1,1,C] for [C] and the like; anything else of the wrong shape is an error that names the key."""
+    if [s for s in t.shape if s != 1] != [s for s in shape if s != 1]:
+        raise RWKVDeployError(f"{path}: '{key}' has shape {list(t.shape)}, expected {list(shape)}")
+    return t.reshape(shape)
+
+
+def _notes(d: Dims, w: dict[str, Tensor], sd: dict) -> list[str]:
+    notes = []
+    if any(k.endswith("att.time_state") for k in w):
+        notes.append("state-tuned: att.time_state is used as the initial WKV state")
+    if d.version == "7" and any(k.startswith("blocks.0.att.v") and k[len("blocks.0.att.v"):][:1] in "012" for k in w):
+        notes.append("layer 0 has v0/v1/v2, which RWKV-7 does not use; they are ignored")
+    if d.vocab_size not in (50277, 65536):
+        notes.append(f"vocab size {d.vocab_size} is neither Pile (50277) nor World (65536); pass --tokenizer on export")
+    dtypes = Counter(str(t.dtype).replace("torch.", "") for t in w.values())
+    if len(dtypes) > 1:
+        notes.append("mixed storage dtypes: " + ", ".join(f"{n} {k}" for k, n in dtypes.most_common()))
+    if d.dim_att != d.n_embd:
+        notes.append(f"dim_att {d.dim_att} differs from n_embd {d.n_embd} (no released model does this)")
+    return notes
