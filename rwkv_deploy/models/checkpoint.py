@@ -9,6 +9,7 @@ import json
 import logging
 import pickle
 import re
+import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ class Checkpoint:
     dims: Dims
     notes: list[str] = field(default_factory=list)
     tokenizer_file: Path | None = None  # an HF folder's tokenizer.json
+    # transformers halves the residual every `rescale_every` layers in eval mode, in every dtype (spec §8.1);
+    # the reference follows the checkpoint's own runtime so that an HF folder matches transformers
+    rescale_every: int = 0
 
     @property
     def version(self) -> str:
@@ -82,10 +86,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise RWKVDeployError(f"checkpoint not found: {path}")
     tokenizer = None
     if path.is_dir():
-        sd, tokenizer = _read_hf_folder(path)
-        fmt = "hf"
-    else:
-        fmt, sd = _read_file(path)
+        sd, tokenizer, rescale = _read_hf_folder(path)
+        ckpt = _validate(path, "hf", sd, tokenizer)
+        ckpt.rescale_every = rescale
+        if rescale:
+            ckpt.notes.append(f"Hugging Face config rescale_every={rescale}: the reference halves the residual "
+                              "stream as transformers does in eval mode")
+        return ckpt
+    fmt, sd = _read_file(path)
     return _validate(path, fmt, sd, tokenizer)
 
 
@@ -123,18 +131,21 @@ def _read_safetensors(path: Path) -> dict:
 
 def _torch_load(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns before refusing a pickle; our error says it all
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
+        what = f" (it references {found.group(1)})" if found else ""
         raise RWKVDeployError(
-            f"{path} holds objects other than tensors, which are never unpickled here (weights_only=True refused: "
-            f"{first[:200]}); save a plain state dict (torch.save(model.state_dict(), ...)) or use safetensors")
+            f"{path} holds objects other than tensors{what}, which are never unpickled here; "
+            "save a plain state dict (torch.save(model.state_dict(), ...)) or use safetensors")
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError) as e:
         raise RWKVDeployError(f"{path} could not be read as a PyTorch checkpoint ({str(e).splitlines()[0][:200]}); "
                               "the file may be truncated or corrupt")
 
 
-def _read_hf_folder(path: Path) -> tuple[dict, Path | None]:
+def _read_hf_folder(path: Path) -> tuple[dict, Path | None, int]:
     cfg = path / "config.json"
     if not cfg.exists():
         raise RWKVDeployError(f"{path} is a folder without config.json; pass a Hugging Face RWKV-4 model folder "
@@ -159,7 +170,7 @@ def _read_hf_folder(path: Path) -> tuple[dict, Path | None]:
             k = re.sub(pat, rep, k)
         sd[k] = t
     tok = path / "tokenizer.json"
-    return sd, (tok if tok.exists() else None)
+    return sd, (tok if tok.exists() else None), int(config.get("rescale_every") or 0)
 
 
 def _validate(path: Path, fmt: str, sd, tokenizer) -> Checkpoint:

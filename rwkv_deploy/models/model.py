@@ -51,7 +51,8 @@ class RWKV(nn.Module):
     """`step(tokens [B], state) -> (logits [B, V], state)` and `forward(tokens [B, T], state)`.
 
     dtype float32/float64 is the reference; float16 keeps the WKV state, decays and GroupNorm in float32 and,
-    for v4-v6, halves the residual stream every `rescale_every` layers (default 6 in fp16, off otherwise).
+    for v4-v6, halves the residual stream every `rescale_every` layers (default: the checkpoint's own runtime
+    convention, i.e. an HF folder's config value, else 6 in fp16 and off otherwise).
     """
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, rescale_every: int | None = None):
@@ -60,7 +61,7 @@ class RWKV(nn.Module):
         V = VERSIONS[d.version]
         self.dims, self.version, self.dtype = d, V, dtype
         if rescale_every is None:
-            rescale_every = 6 if dtype == torch.float16 else 0
+            rescale_every = ckpt.rescale_every or (6 if dtype == torch.float16 else 0)
         self.rescale_every = rescale_every if V.rescalable else 0
         self.states = state_table(d, dtype)
         work = torch.float64 if dtype == torch.float64 else torch.float32  # load-time maths

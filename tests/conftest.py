@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random checkpoints for every version, written once per session."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rwkv_deploy.models.synthetic import ALL_VERSIONS, make_checkpoint, save_checkpoint
+
+# Every test module parametrises over this; test_coverage.py fails if a supported version is missing.
+VERSIONS = ALL_VERSIONS
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ckpts")
+
+
+@pytest.fixture(scope="session")
+def make_ckpt(ckpt_dir):
+    """make_ckpt(version, dtype=torch.float32, time_state=False, suffix='.pth', **kw) -> path (cached)."""
+    cache: dict = {}
+
+    def make(version, dtype=torch.float32, time_state=False, suffix=".pth", **kw):
+        key = (version, dtype, time_state, suffix, tuple(sorted(kw.items())))
+        if key not in cache:
+            name = f"v{version}_{str(dtype)[6:]}{'_ts' if time_state else ''}_{len(cache)}{suffix}"
+            path = ckpt_dir / name
+            save_checkpoint(make_checkpoint(version, dtype=dtype, time_state=time_state, **kw), path)
+            cache[key] = path
+        return cache[key]
+
+    return make
+
+
+def normalised(ours: np.ndarray, ref: np.ndarray) -> float:
+    """max over steps of max|Δlogit| / std(ref logits) (BlinkDL's metric, design.md §5)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float((np.abs(ours - ref).max(-1) / ref.std(-1)).max())
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "rwkv_deploy.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def random_tokens(n, vocab=97, seed=0, batch=None):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,) if batch is None else (batch, n), generator=g)
