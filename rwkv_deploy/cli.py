@@ -16,6 +16,41 @@ def _inspect(a):
     print(json.dumps(info, indent=2) if a.json else format_inspect(info))
 
 
+def _export(a):
+    from .exporters.export import export
+
+    export(a.checkpoint, a.output, precision=a.precision, opset=a.opset, tokenizer=a.tokenizer,
+           external_data=True if a.external_data else None, force=a.force)
+
+
+def _verify(a):
+    from .validation.compare import verify
+
+    report = verify(a.folder, checkpoint=a.checkpoint, steps=a.steps, batch=a.batch, seed=a.seed, json_path=a.json)
+    print(report.table())
+    if not report:
+        raise VerificationFailed("; ".join(report.failures()))
+
+
+def _run(a):
+    from .runtime.generate import generate
+    from .runtime.session import open_session
+
+    sess = open_session(a.folder)
+    sys.stdout.write(a.prompt)
+    for piece in generate(sess, a.prompt, a.max_tokens, a.temperature, a.top_p, a.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _demo(a):
+    from .demo import demo
+
+    if not demo(a.dir):
+        raise VerificationFailed("the demo export did not match the reference")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rwkv-deploy", description="Export RWKV checkpoints to ONNX with certified parity.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -24,12 +59,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="BlinkDL .pth, .safetensors, or Hugging Face RWKV-4 folder")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(fn=_inspect)
+
+    s = sub.add_parser("export", help="checkpoint -> export folder (ONNX graphs + manifest.json)")
+    s.add_argument("checkpoint")
+    s.add_argument("-o", "--output", required=True, help="export folder to create")
+    s.add_argument("--precision", default="fp32", help="fp32 (default) or fp16")
+    s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    s.add_argument("--tokenizer", help="tokenizer file to copy in: tokenizers .json or RWKV World .txt")
+    s.add_argument("--external-data", action="store_true",
+                   help="weights in model.onnx.data (automatic above 1.8 GB)")
+    s.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
+    s.set_defaults(fn=_export)
+
+    s = sub.add_parser("verify", help="step-by-step parity of an export against the PyTorch reference")
+    s.add_argument("folder")
+    s.add_argument("--checkpoint", help="reference checkpoint (default: the one recorded in the manifest)")
+    s.add_argument("--steps", type=int, default=64)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0, help="seed of the random token stream")
+    s.add_argument("--json", help="also write the report here (OUT/verify.json is always written)")
+    s.set_defaults(fn=_verify)
+
+    s = sub.add_parser("run", help="generate text with an export folder")
+    s.add_argument("folder")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-tokens", type=int, default=100)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=0.85)
+    s.add_argument("--seed", type=int, help="fix for reproducible output")
+    s.set_defaults(fn=_run)
+
+    s = sub.add_parser("demo", help="make, export, verify and run a small model: no files needed")
+    s.add_argument("--dir", default="rwkv-deploy-demo", help="working folder (default ./rwkv-deploy-demo)")
+    s.set_defaults(fn=_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)  # progress and warnings go to stderr, results to stdout
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if a.debug else "%(message)s"))
+    root = logging.getLogger("rwkv_deploy")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if a.debug else logging.INFO)
     try:
         a.fn(a)
     except RWKVDeployError as e:

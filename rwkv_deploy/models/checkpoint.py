@@ -229,7 +229,7 @@ def _validate(path: Path, fmt: str, sd, tokenizer) -> Checkpoint:
         if not bool(torch.isfinite(t).all()):
             raise RWKVDeployError(f"{path}: '{key}' contains NaN or Inf values; the checkpoint is damaged")
     notes = _notes(d, weights, sd)
-    log.info("loaded %s: RWKV-%s, %d layers, n_embd %d", path, version, L, C)
+    log.debug("loaded %s: RWKV-%s, %d layers, n_embd %d", path, version, L, C)
     return Checkpoint(path, fmt, weights, d, notes, tokenizer)
 
 

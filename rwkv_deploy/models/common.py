@@ -56,12 +56,12 @@ class Params(nn.Module):
 
 
 def layer_norm(x: Tensor, ln: Params) -> Tensor:
-    return F.layer_norm(x, x.shape[-1:], ln.weight, ln.bias, LN_EPS)
+    return F.layer_norm(x, ln.weight.shape, ln.weight, ln.bias, LN_EPS)  # weight's shape: static when traced
 
 
-def group_norm_heads(y: Tensor, ln_x: Params) -> Tensor:
+def group_norm_heads(y: Tensor, ln_x: Params, hn: torch.Size) -> Tensor:
     """GN_H of spec §1: normalise each head of y [..., H, N], then the per-channel affine; returns [..., H*N]."""
-    y = F.layer_norm(y, y.shape[-1:], eps=GN_EPS)  # [..., H, N]
+    y = F.layer_norm(y, hn[1:], eps=GN_EPS)  # [..., H, N]
     y = y.flatten(-2)  # [..., A]
     return y * ln_x.weight + ln_x.bias
 

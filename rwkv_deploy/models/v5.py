@@ -20,7 +20,7 @@ def attend_v5(att: Params, r: Tensor, k: Tensor, v: Tensor, w: Tensor, S: Tensor
     r, k, v [B, T, H, N] fp32; w decay [B, T, H, N]; S [B, H, N, N]. Returns y [B, T, A] and S.
     """
     y, S = scan(lambda r, k, v, w, s: wkv5(r, k, v, w, att.u, s), (r, k, v, w), S)  # [B, T, H, N]
-    return group_norm_heads(y, att.ln_x).to(out_dtype), S  # GroupNorm in fp32 (spec §8.2)
+    return group_norm_heads(y, att.ln_x, att.u.shape).to(out_dtype), S  # GroupNorm in fp32 (spec §8.2)
 
 
 def heads(x: Tensor, hn: torch.Size) -> Tensor:

@@ -71,7 +71,7 @@ class V7(Version):
         r, w, k, v, a = (heads(t.to(S.dtype), hn) for t in (r, w, k, v, a))  # [B, T, H, N] fp32
         kk = kk.to(S.dtype)
         y, S = scan(wkv7, (r, w, k, v, -kk, kk * a), S)  # [B, T, H, N]
-        y = group_norm_heads(y, att.ln_x)  # [B, T, C]
+        y = group_norm_heads(y, att.ln_x, hn)  # [B, T, C]
         y = y + ((r * k * att.r_k).sum(-1, keepdim=True) * v).flatten(-2)  # per-head bonus for the current token
         return F.linear(y.to(xx.dtype) * g, att.output.weight), {"S": S}, carry
 

@@ -1,0 +1,67 @@
+"""Tracing the reference model into ONNX graphs with the state as explicit inputs and outputs."""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models.model import RWKV
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2 ** 31 - 1  # a single .onnx file cannot exceed 2 GiB
+EXTERNAL_THRESHOLD = 1_800_000_000  # weights above this go to external data automatically
+TOKENS, LOGITS = "tokens", "logits"
+
+
+def state_io_names(model: RWKV) -> tuple[list[str], list[str]]:
+    """Graph input and output names for each state tensor, in state-table order."""
+    return [s.name for s in model.states], [s.name.replace("state.", "state_out.", 1) for s in model.states]
+
+
+class StepGraph(nn.Module):
+    """forward(tokens [B], *state) -> (logits [B, V], *state'): one decoding step."""
+
+    def __init__(self, model: RWKV):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, *state):
+        logits, new = self.model.step(tokens, list(state))
+        return (logits, *new)
+
+
+def export_graph(module: nn.Module, model: RWKV, tokens: torch.Tensor, path: Path, opset: int,
+                 external_data: bool | None) -> bool:
+    """Trace `module` with dynamic batch (and dynamic seq for 2-D tokens); returns whether external data was used."""
+    ins, outs = state_io_names(model)
+    axes = {TOKENS: {0: "batch", 1: "seq"} if tokens.dim() == 2 else {0: "batch"}, LOGITS: {0: "batch"}}
+    axes.update({n: {0: "batch"} for n in ins + outs})
+    example = (tokens, *model.init_state(tokens.shape[0]))
+    raw = path.parent / "raw" / path.name
+    raw.parent.mkdir()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings
+        torch.onnx.export(module, example, str(raw), dynamo=False, opset_version=opset, input_names=[TOKENS, *ins],
+                          output_names=[LOGITS, *outs], dynamic_axes=axes, do_constant_folding=True)
+    import onnx
+
+    proto = onnx.load(str(raw))  # also pulls in any per-tensor external files the exporter wrote
+    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    external = external_data if external_data is not None else weight_bytes > EXTERNAL_THRESHOLD
+    proto.producer_name = "rwkv-deploy"
+    if external:
+        log.info("writing weights (%.2f GB) to %s.data", weight_bytes / 1e9, path.name)
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+    del proto
+    for f in raw.parent.iterdir():
+        f.unlink()
+    raw.parent.rmdir()
+    onnx.checker.check_model(str(path))  # by path: works past 2 GiB
+    return external

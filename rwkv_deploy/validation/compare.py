@@ -1,0 +1,138 @@
+"""Step-by-step parity of an export against the PyTorch reference (design.md §5)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import RWKVDeployError
+from ..runtime.manifest import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# max|Δlogit|/std(ref) bound and minimum top-1 agreement, by export precision
+TOLERANCES = {"fp32": {"normalised": 1e-5, "top1": 0.99}, "fp16": {"normalised": 2e-2, "top1": 0.99}}
+
+
+@dataclass
+class ModeResult:
+    """One mode (free-running or teacher-forced) over all steps."""
+
+    max_abs: list[float] = field(default_factory=list)  # per step, worst over the batch
+    normalised: list[float] = field(default_factory=list)  # per step: max|Δ| / std(ref logits)
+    top1: list[float] = field(default_factory=list)  # per step: fraction of rows with the same argmax
+    top5: list[float] = field(default_factory=list)  # per step: |top5 ∩ top5_ref| / 5, mean over rows
+    state_rel: list[float] = field(default_factory=list)  # per step: max over tensors of max|Δ| / max|ref|
+
+    def add(self, ours: np.ndarray, ref: np.ndarray, s_ours, s_ref) -> None:
+        d = np.abs(ours.astype(np.float64) - ref)
+        self.max_abs.append(float(d.max()))
+        self.normalised.append(float((d.max(-1) / ref.std(-1)).max()))
+        self.top1.append(float((ours.argmax(-1) == ref.argmax(-1)).mean()))
+        t5o, t5r = np.argsort(-ours, -1)[:, :5], np.argsort(-ref, -1)[:, :5]
+        self.top5.append(float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(t5o, t5r)])))
+        self.state_rel.append(max(float(np.abs(o.astype(np.float64) - r).max() / (np.abs(r).max() + 1e-6))
+                                  for o, r in zip(s_ours, s_ref)))
+
+    def summary(self) -> dict:
+        return {"max_abs": max(self.max_abs), "normalised": max(self.normalised), "top1": float(np.mean(self.top1)),
+                "top5": float(np.mean(self.top5)), "state_rel": max(self.state_rel)}
+
+
+@dataclass
+class Report:
+    """Truthy when every mode is within tolerance."""
+
+    precision: str
+    backend: str
+    steps: int
+    batch: int
+    tolerance: dict
+    free_running: ModeResult
+    teacher_forced: ModeResult
+    seconds: float = 0.0
+
+    def failures(self) -> list[str]:
+        out = []
+        for name, mode in (("free-running", self.free_running), ("teacher-forced", self.teacher_forced)):
+            s = mode.summary()
+            if not s["normalised"] <= self.tolerance["normalised"]:
+                out.append(f"{name}: normalised deviation {s['normalised']:.3g} > {self.tolerance['normalised']:g}")
+            if s["top1"] < self.tolerance["top1"]:
+                out.append(f"{name}: top-1 agreement {s['top1']:.1%} < {self.tolerance['top1']:.0%}")
+        return out
+
+    def __bool__(self) -> bool:
+        return not self.failures()
+
+    def would_pass_at(self) -> float:
+        return max(self.free_running.summary()["normalised"], self.teacher_forced.summary()["normalised"])
+
+    def to_json(self) -> dict:
+        return {"passed": bool(self), "precision": self.precision, "backend": self.backend, "steps": self.steps,
+                "batch": self.batch, "tolerance": self.tolerance, "would_pass_at": self.would_pass_at(),
+                "failures": self.failures(), "seconds": self.seconds,
+                "free_running": {"summary": self.free_running.summary(), "per_step": asdict(self.free_running)},
+                "teacher_forced": {"summary": self.teacher_forced.summary(), "per_step": asdict(self.teacher_forced)}}
+
+    def table(self) -> str:
+        rows = [f"{'mode':<15} {'max|Δ|':>10} {'|Δ|/std':>10} {'top-1':>7} {'top-5':>7} {'state rel':>10}"]
+        for name, mode in (("free-running", self.free_running), ("teacher-forced", self.teacher_forced)):
+            s = mode.summary()
+            rows.append(f"{name:<15} {s['max_abs']:>10.3g} {s['normalised']:>10.3g} {s['top1']:>7.1%} "
+                        f"{s['top5']:>7.1%} {s['state_rel']:>10.3g}")
+        verdict = "PASS" if self else "FAIL"
+        rows.append(f"{verdict}: {self.steps} steps x batch {self.batch}, {self.precision} via {self.backend}; "
+                    f"tolerance |Δ|/std <= {self.tolerance['normalised']:g}, top-1 >= {self.tolerance['top1']:.0%}; "
+                    f"would pass at {self.would_pass_at():.3g}")
+        return "\n".join(rows)
+
+
+def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int = 0, session=None,
+           json_path=None, write: bool = True) -> Report:
+    """Run the export and the float32 reference side by side; writes OUT/verify.json (and json_path)."""
+    from ..models import load_checkpoint
+    from ..models.model import RWKV
+    from ..runtime.session import open_session
+
+    t0 = time.time()
+    sess = session or open_session(folder)
+    m = sess.manifest
+    if steps < 1 or batch < 1:
+        raise RWKVDeployError(f"--steps and --batch must be positive, got {steps} and {batch}")
+    src = checkpoint or m["source"]["path"]
+    if not Path(src).exists():
+        raise RWKVDeployError(f"reference checkpoint {src} not found; pass --checkpoint PATH")
+    ckpt = load_checkpoint(src)
+    if ckpt.sha256 != m["source"]["sha256"]:
+        raise RWKVDeployError(f"{src} is not the checkpoint this folder was exported from (sha256 "
+                              f"{ckpt.sha256[:12]}… vs {m['source']['sha256'][:12]}…)")
+    ref = RWKV(ckpt, torch.float32).eval()
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, int(m["vocab_size"]), size=(steps, batch))
+    free, forced = ModeResult(), ModeResult()
+    r_state, o_state = ref.init_state(batch), sess.init_state(batch)
+    dtypes = [np.dtype(s.dtype) for s in sess.states]
+    with torch.no_grad():
+        for t in range(steps):
+            before = [x.numpy().astype(dt) for x, dt in zip(r_state, dtypes)]
+            r_logits, r_state = ref.step(torch.from_numpy(tokens[t]), r_state)
+            r_np, rs_np = r_logits.numpy().astype(np.float64), [x.numpy() for x in r_state]
+            o_logits, o_state = sess.step(tokens[t], o_state)  # free-running: own state
+            free.add(o_logits, r_np, o_state, rs_np)
+            f_logits, f_state = sess.step(tokens[t], before)  # teacher-forced: the reference's state
+            forced.add(f_logits, r_np, f_state, rs_np)
+            if (t + 1) % 100 == 0:
+                log.info("verified %d/%d steps", t + 1, steps)
+    precision = m["precision"]
+    report = Report(precision, "onnxruntime " + "/".join(sess.providers), steps, batch,
+                    TOLERANCES.get(precision, TOLERANCES["fp16"]), free, forced, time.time() - t0)
+    if write:
+        write_json_atomic(Path(folder) / "verify.json", report.to_json())
+    if json_path:
+        write_json_atomic(Path(json_path).absolute(), report.to_json())
+    return report
