@@ -42,7 +42,10 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
     tok_src, tok_kind = _find_tokenizer(ckpt, tokenizer)
     dtype = PRECISIONS[precision]
     model = RWKV(ckpt, dtype).eval()
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as e:
+        raise RWKVDeployError(f"cannot write to {out.parent} ({e.strerror}); choose another -o")
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
     try:
         t1 = time.time()

@@ -1,0 +1,169 @@
+"""Portable ONNX export: every version x precision against the reference, through ONNX Runtime."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import VERSIONS, normalised
+
+from rwkv_deploy import export, open_session
+from rwkv_deploy.validation.compare import verify
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is needed (pip install -e .[onnx])")
+
+
+@pytest.fixture(scope="module")
+def exports(make_ckpt, tmp_path_factory):
+    """(version, precision) -> export folder, made once."""
+    root, cache = tmp_path_factory.mktemp("exports"), {}
+
+    def get(version, precision="fp32", time_state=False):
+        key = (version, precision, time_state)
+        if key not in cache:
+            cache[key] = export(make_ckpt(version, time_state=time_state), root / f"{version}-{precision}-{time_state}",
+                                precision=precision)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("version", VERSIONS)
+def test_export_matches_reference(exports, version, precision):
+    out = exports(version, precision)
+    report = verify(out, steps=64, batch=4)  # 256 rows: one near-tie flip is 0.4%
+    s_free, s_forced = report.free_running.summary(), report.teacher_forced.summary()
+    bound = 1e-5 if precision == "fp32" else 2e-2
+    assert s_free["normalised"] <= bound and s_forced["normalised"] <= bound, report.table()
+    assert s_free["top1"] >= 0.99 and s_forced["top1"] >= 0.99, report.table()
+    assert report and json.loads((out / "verify.json").read_text())["passed"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_graph_is_standard_onnx_with_dynamic_batch(exports, version):
+    out = exports(version)
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}  # no custom domain
+    manifest = json.loads((out / "manifest.json").read_text())
+    for v in list(model.graph.input) + list(model.graph.output):
+        assert v.type.tensor_type.shape.dim[0].dim_param == "batch", v.name
+    assert manifest["graphs"]["step"]["tokens"] == "tokens" and manifest["wkv"] == "portable"
+
+
+@pytest.mark.parametrize("version", ["4", "5.2", "7"])
+def test_batch_of_four_equals_single_rows(exports, version):
+    sess = open_session(exports(version))
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 97, (16, 4))
+    st4, rows = sess.init_state(4), [sess.init_state(1) for _ in range(4)]
+    for t in range(16):
+        l4, st4 = sess.step(tokens[t], st4)
+        for i in range(4):
+            l1, rows[i] = sess.step(tokens[t, i:i + 1], rows[i])
+            assert normalised(l4[i:i + 1], l1) <= 1e-5
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_state_tuned_export(exports, precision):
+    out = exports("6", precision, time_state=True)
+    m = json.loads((out / "manifest.json").read_text())
+    tuned = [s for s in m["state"] if s["kind"] == "S"]
+    assert all(s["init_file"] and (out / s["init_file"]).exists() for s in tuned)
+    assert verify(out, steps=64)
+
+
+def generic_client(folder, tokens):
+    """Runs an export from manifest.json alone: no RWKV knowledge, just 'copy each state output to its input'."""
+    import onnxruntime as ort
+
+    m = json.loads((folder / "manifest.json").read_text())
+    g = m["graphs"]["step"]
+    sess = ort.InferenceSession(str(folder / g["file"]), providers=["CPUExecutionProvider"])
+    state = {}
+    for s in m["state"]:
+        shape = [1 if d == "batch" else d for d in s["shape"]]
+        state[s["input"]] = (np.fromfile(folder / s["init_file"], dtype=s["dtype"]).reshape(shape) if s["init_file"]
+                             else np.full(shape, s["init"], dtype=s["dtype"]))
+    out = []
+    for tok in tokens:
+        res = sess.run(None, {g["tokens"]: np.array([tok], dtype=np.int64), **state})
+        named = dict(zip([o.name for o in sess.get_outputs()], res))
+        out.append(named[g["logits"]][0])
+        state = {s["input"]: named[s["output"]] for s in m["state"]}
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_manifest_alone_drives_the_model(exports, version):
+    out = exports(version, time_state=False)
+    tokens = list(np.random.default_rng(2).integers(0, 97, 20))
+    sess = open_session(out)
+    state, ours = sess.init_state(1), []
+    for t in tokens:
+        logits, state = sess.step(np.array([t]), state)
+        ours.append(logits[0])
+    np.testing.assert_array_equal(generic_client(out, tokens), np.stack(ours))
+
+
+def test_generic_client_with_state_tuned_init(exports):
+    out = exports("6", time_state=True)
+    tokens = [3, 1, 4, 1, 5]
+    sess = open_session(out)
+    logits, _ = sess.forward(np.array([tokens]), sess.init_state(1))
+    np.testing.assert_array_equal(generic_client(out, tokens)[-1], logits[0])
+
+
+def test_external_data_forced(make_ckpt, tmp_path):
+    out = export(make_ckpt("7"), tmp_path / "ext", external_data=True)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["graphs"]["step"]["external_data"] == "model.onnx.data"
+    data = (out / "model.onnx.data").stat().st_size
+    assert data > 5 * (out / "model.onnx").stat().st_size  # the weights live in the data file
+    assert verify(out, steps=64)
+
+
+def test_export_writes_nothing_on_failure(make_ckpt, tmp_path, monkeypatch):
+    import rwkv_deploy.exporters.export as ex
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash mid-export")
+
+    monkeypatch.setattr(ex, "export_graph", boom)
+    with pytest.raises(RuntimeError):
+        export(make_ckpt("4"), out, force=True)
+    assert (out / "keep.txt").read_text() == "precious"  # the old folder survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
+    with pytest.raises(RuntimeError):
+        export(make_ckpt("4"), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_force_replaces_existing_export(make_ckpt, tmp_path):
+    out = export(make_ckpt("4"), tmp_path / "o")
+    (out / "stale.txt").write_text("x")
+    export(make_ckpt("5.2"), out, force=True)
+    assert json.loads((out / "manifest.json").read_text())["rwkv_version"] == "5.2"
+    assert not (out / "stale.txt").exists()
+
+
+def test_session_rejects_bad_tokens_and_state(exports):
+    from rwkv_deploy.errors import RWKVDeployError
+
+    sess = open_session(exports("5.1"))
+    st = sess.init_state(2)
+    with pytest.raises(RWKVDeployError, match="token id 97 is out of range"):
+        sess.step(np.array([1, 97]), st)
+    with pytest.raises(RWKVDeployError, match="out of range"):
+        sess.step(np.array([-1, 0]), st)
+    with pytest.raises(RWKVDeployError, match=r"state state\.0\.S: expected float32 \[2, 4, 16, 16\]"):
+        sess.step(np.array([1, 2]), [st[0], st[1][:, :2], *st[2:]])
+    with pytest.raises(RWKVDeployError, match="expected float32"):
+        sess.step(np.array([1, 2]), [st[0].astype(np.float64), *st[1:]])
+    with pytest.raises(RWKVDeployError, match="state has 5 tensors"):
+        sess.step(np.array([1, 2]), st[:5])
