@@ -20,7 +20,7 @@ def _export(a):
     from .exporters.export import export
 
     export(a.checkpoint, a.output, precision=a.precision, opset=a.opset, tokenizer=a.tokenizer,
-           external_data=True if a.external_data else None, force=a.force)
+           external_data=True if a.external_data else None, force=a.force, prefill=a.prefill)
 
 
 def _verify(a):
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--external-data", action="store_true",
                    help="weights in model.onnx.data (automatic above 1.8 GB)")
     s.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
+    s.add_argument("--prefill", action="store_true", help="also write prefill.onnx: a whole prompt in one call")
     s.set_defaults(fn=_export)
 
     s = sub.add_parser("verify", help="step-by-step parity of an export against the PyTorch reference")

@@ -58,7 +58,7 @@ def test_v4_first_token_gives_wkv_equal_v():
     from rwkv_deploy.models.wkv import wkv4
 
     k, v = torch.randn(2, 8) * 3, torch.randn(2, 8)
-    wkv, _ = wkv4(-torch.rand(8), torch.randn(8), k, v, (torch.zeros(2, 8), torch.zeros(2, 8), torch.full((2, 8), -1e30)))
+    wkv, *_ = wkv4(-torch.rand(8), torch.randn(8), k, v, torch.zeros(2, 8), torch.zeros(2, 8), torch.full((2, 8), -1e30))
     assert torch.equal(wkv, v)
 
 
@@ -72,7 +72,7 @@ def test_state_tuned_initial_state_is_used(make_ckpt):
 
 def test_wkv5_matches_chunked_closed_form():
     """The recurrence against spec §7's closed form, computed independently in float64."""
-    from rwkv_deploy.models.wkv import scan, wkv5
+    from rwkv_deploy.models.wkv import run_wkv5
 
     B, T, H, N = 1, 9, 2, 4
     g = torch.Generator().manual_seed(0)
@@ -80,7 +80,7 @@ def test_wkv5_matches_chunked_closed_form():
     w = torch.rand(B, T, H, N, generator=g, dtype=torch.float64) * 0.5 + 0.4
     u = torch.randn(H, N, generator=g, dtype=torch.float64)
     S0 = torch.randn(B, H, N, N, generator=g, dtype=torch.float64)
-    y, S = scan(lambda r, k, v, w, s: wkv5(r, k, v, w, u, s), (r, k, v, w), S0)
+    y, S = run_wkv5(r, k, v, w, u, S0)
     P = torch.cumprod(w, 1)  # P_t = prod_{j<=t} w_j
     for t in range(T):
         Pprev = P[:, t - 1] if t else torch.ones_like(P[:, 0])

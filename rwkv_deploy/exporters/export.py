@@ -18,7 +18,7 @@ from ..models import load_checkpoint
 from ..models.model import RWKV
 from ..runtime.manifest import FORMAT, MANIFEST, current_umask, write_json_atomic
 from ..runtime.tokenizer import load_tokenizer, tokenizer_kind, world_vocab_path
-from .onnx_graph import LOGITS, TOKENS, StepGraph, export_graph, state_io_names
+from .onnx_graph import LOGITS, TOKENS, PrefillGraph, StepGraph, export_graph, state_io_names
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ NP_DTYPE = {torch.float32: "float32", torch.float16: "float16"}
 
 
 def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokenizer=None,
-           external_data: bool | None = None, force: bool = False) -> Path:
+           external_data: bool | None = None, force: bool = False, prefill: bool = False) -> Path:
     """Export `checkpoint` to the folder `out`; returns its path. Nothing is left at `out` on failure."""
     if precision not in PRECISIONS:
         raise RWKVDeployError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
@@ -42,6 +42,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
     tok_src, tok_kind = _find_tokenizer(ckpt, tokenizer)
     dtype = PRECISIONS[precision]
     model = RWKV(ckpt, dtype).eval()
+    d = ckpt.dims
     try:
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     except OSError as e:
@@ -52,6 +53,14 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         external = export_graph(StepGraph(model), model, torch.zeros(2, dtype=torch.long), tmp / "model.onnx", opset,
                                 external_data)
         log.info("[2/4] step graph traced and checked in %.1fs", time.time() - t1)
+        graphs = {"step": _graph_entry("model.onnx", external, ["batch"], d.vocab_size)}
+        if prefill:
+            t1 = time.time()
+            # example T = 3: the T = 1 shortcut of models/wkv.py must not be taken, so the WKV becomes a Loop
+            ext = export_graph(PrefillGraph(model), model, torch.zeros(2, 3, dtype=torch.long), tmp / "prefill.onnx",
+                               opset, external_data)
+            graphs["prefill"] = _graph_entry("prefill.onnx", ext, ["batch", "seq"], d.vocab_size)
+            log.info("[2/4] prefill graph traced and checked in %.1fs", time.time() - t1)
         state = _state_entries(model, tmp)
         tok_entry = None
         if tok_src is not None:
@@ -59,15 +68,12 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
             shutil.copyfile(tok_src, tmp / name)
             tok_entry = {"kind": tok_kind, "file": name}
         log.info("[3/4] state table (%d tensors) and tokenizer (%s) written", len(state), tok_kind or "none")
-        d = ckpt.dims
         manifest = {
             "format": FORMAT, "rwkv_version": d.version, "n_layer": d.n_layer, "n_embd": d.n_embd,
             "dim_att": d.dim_att, "dim_ffn": d.dim_ffn, "n_head": d.n_head, "head_size": d.head_size,
             "vocab_size": d.vocab_size, "precision": precision, "wkv": "portable", "opset": opset,
             "rescale_every": model.rescale_every,
-            "graphs": {"step": {"file": "model.onnx", "external_data": "model.onnx.data" if external else None,
-                                "tokens": TOKENS, "tokens_dtype": "int64", "tokens_shape": ["batch"],
-                                "logits": LOGITS, "logits_dtype": "float32", "logits_shape": ["batch", d.vocab_size]}},
+            "graphs": graphs,
             "state": state,
             "tokenizer": tok_entry,
             "custom_op_library": None,
@@ -82,6 +88,12 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         raise
     log.info("[4/4] exported to %s in %.1fs (%s)", out, time.time() - t0, _size(out))
     return out
+
+
+def _graph_entry(file: str, external: bool, tokens_shape: list, vocab: int) -> dict:
+    return {"file": file, "external_data": file + ".data" if external else None, "tokens": TOKENS,
+            "tokens_dtype": "int64", "tokens_shape": tokens_shape, "logits": LOGITS, "logits_dtype": "float32",
+            "logits_shape": ["batch", vocab]}
 
 
 def _check_destination(out: Path, force: bool) -> None:

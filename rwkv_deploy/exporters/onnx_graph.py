@@ -34,6 +34,18 @@ class StepGraph(nn.Module):
         return (logits, *new)
 
 
+class PrefillGraph(nn.Module):
+    """forward(tokens [B, T], *state) -> (logits [B, V] of the last position, *state'): a whole prompt at once."""
+
+    def __init__(self, model: RWKV):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, *state):
+        logits, new = self.model(tokens, list(state), last_only=True)
+        return (logits[:, 0], *new)
+
+
 def export_graph(module: nn.Module, model: RWKV, tokens: torch.Tensor, path: Path, opset: int,
                  external_data: bool | None) -> bool:
     """Trace `module` with dynamic batch (and dynamic seq for 2-D tokens); returns whether external data was used."""

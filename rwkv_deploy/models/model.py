@@ -104,8 +104,8 @@ class RWKV(nn.Module):
             if tuple(t.shape) != (batch, *s.shape) or t.dtype != s.dtype:
                 raise RWKVDeployError(f"{s.name}: expected {s.dtype} {[batch, *s.shape]}, got {t.dtype} {list(t.shape)}")
 
-    def forward(self, tokens: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """tokens [B, T] int64 -> logits [B, T, V] float32 and the state after the last token."""
+    def forward(self, tokens: Tensor, state: list[Tensor], last_only: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """tokens [B, T] int64 -> logits [B, T, V] float32 ([B, 1, V] if last_only) and the state after the last token."""
         kinds = [k.name for k in state_kinds(self.dims)]
         x = self.emb[tokens]  # [B, T, C]
         carry, new = None, []
@@ -121,6 +121,8 @@ class RWKV(nn.Module):
             if self.rescale_every and (i + 1) % self.rescale_every == 0:
                 x = x / 2  # keeps fp16 from overflowing; weights were pre-divided to match (spec §8.1)
             new += [xx[:, -1], *(wkv_state[k] for k in kinds[1:-1]), xf[:, -1]]
+        if last_only:
+            x = x[:, -1:]  # [B, 1, C]: a prompt needs only its last position's logits
         logits = F.linear(layer_norm(x, self.ln_out), self.head)  # [B, T, V]
         return logits.float(), new
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from .base import Version
 from .common import Params, StateKind, group_norm_heads, mix
 from .v4 import channel_mix_v4, ffn_shapes_v4, projection_shapes
-from .wkv import scan, wkv5
+from .wkv import run_wkv5
 
 
 def attend_v5(att: Params, r: Tensor, k: Tensor, v: Tensor, w: Tensor, S: Tensor, out_dtype) -> tuple[Tensor, Tensor]:
@@ -19,12 +19,13 @@ def attend_v5(att: Params, r: Tensor, k: Tensor, v: Tensor, w: Tensor, S: Tensor
 
     r, k, v [B, T, H, N] fp32; w decay [B, T, H, N]; S [B, H, N, N]. Returns y [B, T, A] and S.
     """
-    y, S = scan(lambda r, k, v, w, s: wkv5(r, k, v, w, att.u, s), (r, k, v, w), S)  # [B, T, H, N]
+    y, S = run_wkv5(r, k, v, w, att.u, S)  # [B, T, H, N]
     return group_norm_heads(y, att.ln_x, att.u.shape).to(out_dtype), S  # GroupNorm in fp32 (spec §8.2)
 
 
 def heads(x: Tensor, hn: torch.Size) -> Tensor:
-    return x.unflatten(-1, hn)  # [..., A] -> [..., H, N]
+    # [..., A] -> [..., H, N]. Not unflatten: the tracer freezes its whole output shape, batch and T included
+    return x.reshape(*x.shape[:-1], *hn)
 
 
 class V5(Version):

@@ -42,7 +42,7 @@ class V6(V5):
         hn = att.u.shape  # (H, N)
         dx = sx - xx  # [B, T, C]
         m = torch.tanh(lerp(xx, sx, att.time_maa_x) @ att.time_maa_w1)  # [B, T, 5*Dm]
-        m = m.unflatten(-1, (5, -1)).unsqueeze(-2) @ att.time_maa_w2  # [B, T, 5, 1, C]
+        m = m.reshape(*m.shape[:-1], 5, 1, -1) @ att.time_maa_w2  # [B, T, 5, 1, C]
         mw, mk, mv, mr, mg = m.squeeze(-2).unbind(-2)  # each [B, T, C]
         xw = xx + dx * (att.time_maa_w + mw)
         xk = xx + dx * (att.time_maa_k + mk)

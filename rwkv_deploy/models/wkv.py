@@ -1,24 +1,26 @@
 """The WKV recurrences, written once (spec §5, §7).
 
-Every function here takes one token per batch row; `scan` runs a cell over a sequence. The reference
-model, the portable ONNX export (traced), the custom-op reference kernels and the tests all call these.
-Shapes: B batch, A attention width, H heads, N head size.
+`wkv4`, `wkv5`, `wkv7` take one token per batch row. `run_wkv*` take whole sequences [B, T, ...]: with T = 1
+(the decode step) they call the cell directly; otherwise a TorchScript loop, which the ONNX exporter turns
+into an ONNX `Loop` whose trip count is the graph's dynamic sequence length. The reference model, the ONNX
+exports (traced), the custom-op reference kernels and the tests all call these.
+Shapes: B batch, T tokens, A attention width, H heads, N head size.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
 
 
-def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: tuple[Tensor, Tensor, Tensor]):
+def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor
+         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """RWKV-4 in the stable "pp" form (spec §5.1).
 
-    w = -exp(time_decay) [A]; u = time_first [A]; k, v [B, A]; state = (aa, bb, pp), each [B, A], where the
-    running numerator/denominator are aa*e^pp and bb*e^pp. Returns wkv [B, A] and the new state.
+    w = -exp(time_decay) [A]; u = time_first [A]; k, v [B, A]; aa, bb, pp [B, A], where the running
+    numerator/denominator are aa*e^pp and bb*e^pp. Returns wkv [B, A] and the new (aa, bb, pp).
     """
-    aa, bb, pp = state
     ww = u + k  # [B, A]: the current token's bonus weight
     p = torch.maximum(pp, ww)
     e1 = torch.exp(pp - p)
@@ -28,34 +30,82 @@ def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: tuple[Tensor, Tensor
     p = torch.maximum(ww, k)
     e1 = torch.exp(ww - p)
     e2 = torch.exp(k - p)
-    return wkv, (e1 * aa + e2 * v, e1 * bb + e2, p)
+    return wkv, e1 * aa + e2 * v, e1 * bb + e2, p
 
 
-def wkv5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor):
+def wkv5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor) -> Tuple[Tensor, Tensor]:
     """RWKV-5.x/6 (spec §5.2, §5.3): linear attention with per-key-channel decay and a bonus for the current token.
 
-    r, k, v [B, H, N]; w decay in (0, 1) [B, H, N] or [H, N]; u [H, N]; S [B, H, N(key), N(value)].
+    r, k, v [B, H, N]; w decay in (0, 1) [B, H, N]; u [H, N]; S [B, H, N(key), N(value)].
     The output reads the OLD state. Returns y [B, H, N] and the new S.
     """
-    kv = k[..., :, None] * v[..., None, :]  # [B, H, N, N]
-    y = (r[..., None, :] @ (u[..., :, None] * kv + S)).squeeze(-2)  # [B, H, N]
-    return y, kv + w[..., :, None] * S
+    kv = k.unsqueeze(-1) * v.unsqueeze(-2)  # [B, H, N, N]
+    y = (r.unsqueeze(-2) @ (u.unsqueeze(-1) * kv + S)).squeeze(-2)  # [B, H, N]
+    return y, kv + w.unsqueeze(-1) * S
 
 
-def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor):
+def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor) -> Tuple[Tensor, Tensor]:
     """RWKV-7 generalised delta rule (spec §5.4): S' = S·diag(w) + (S a) bᵀ + v kᵀ, y = S' r.
 
     r, w, k, v, a, b [B, H, N]; S [B, H, N(value), N(key)]. v7 uses a = -kk and b = kk*a_rate.
     The output reads the UPDATED state. Returns y [B, H, N] and the new S.
     """
-    S = S * w[..., None, :] + (S @ a[..., :, None]) * b[..., None, :] + v[..., :, None] * k[..., None, :]
-    return (S @ r[..., :, None]).squeeze(-1), S  # [B, H, N], [B, H, N, N]
+    S = S * w.unsqueeze(-2) + (S @ a.unsqueeze(-1)) * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
+    return (S @ r.unsqueeze(-1)).squeeze(-1), S  # [B, H, N], [B, H, N, N]
 
 
-def scan(cell: Callable, xs: tuple[Tensor, ...], state):
-    """Run `cell(*x_t, state) -> (y_t, state)` over dim 1 of every x in xs; returns (y [B, T, ...], state)."""
-    ys = []
-    for t in range(xs[0].shape[1]):
-        y, state = cell(*(x[:, t] for x in xs), state)
+# The loops take the trip count as a tensor made by a Shape op: an int would be frozen into the graph.
+@torch.jit.script
+def _wkv4_seq(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor, steps: Tensor):
+    ys: List[Tensor] = []
+    for t in range(int(steps)):
+        y, aa, bb, pp = wkv4(w, u, k[:, t], v[:, t], aa, bb, pp)
         ys.append(y)
-    return torch.stack(ys, 1), state
+    return torch.stack(ys, 1), aa, bb, pp
+
+
+@torch.jit.script
+def _wkv5_seq(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor, steps: Tensor):
+    ys: List[Tensor] = []
+    for t in range(int(steps)):
+        y, S = wkv5(r[:, t], k[:, t], v[:, t], w[:, t], u, S)
+        ys.append(y)
+    return torch.stack(ys, 1), S
+
+
+@torch.jit.script
+def _wkv7_seq(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor, steps: Tensor):
+    ys: List[Tensor] = []
+    for t in range(int(steps)):
+        y, S = wkv7(r[:, t], w[:, t], k[:, t], v[:, t], a[:, t], b[:, t], S)
+        ys.append(y)
+    return torch.stack(ys, 1), S
+
+
+def _steps(x: Tensor) -> Tensor:
+    return torch._shape_as_tensor(x)[1]  # traced as Shape + Gather, so it stays dynamic in ONNX
+
+
+def run_wkv4(w, u, k, v, aa, bb, pp):
+    """k, v [B, T, A] -> wkv [B, T, A], (aa, bb, pp)."""
+    if k.shape[1] == 1:
+        y, aa, bb, pp = wkv4(w, u, k[:, 0], v[:, 0], aa, bb, pp)
+        return y.unsqueeze(1), (aa, bb, pp)
+    y, aa, bb, pp = _wkv4_seq(w, u, k, v, aa, bb, pp, _steps(k))
+    return y, (aa, bb, pp)
+
+
+def run_wkv5(r, k, v, w, u, S):
+    """r, k, v, w [B, T, H, N] -> y [B, T, H, N], S."""
+    if r.shape[1] == 1:
+        y, S = wkv5(r[:, 0], k[:, 0], v[:, 0], w[:, 0], u, S)
+        return y.unsqueeze(1), S
+    return _wkv5_seq(r, k, v, w, u, S, _steps(r))
+
+
+def run_wkv7(r, w, k, v, a, b, S):
+    """r, w, k, v, a, b [B, T, H, N] -> y [B, T, H, N], S."""
+    if r.shape[1] == 1:
+        y, S = wkv7(r[:, 0], w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], S)
+        return y.unsqueeze(1), S
+    return _wkv7_seq(r, w, k, v, a, b, S, _steps(r))

@@ -43,6 +43,7 @@ class OnnxSession:
         self.providers = providers or default_providers()
         step = self.manifest.graph("step")
         self._step = self._open(ort, step, opts)
+        self._prefill = self._open(ort, self.manifest.graph("prefill"), opts) if "prefill" in self.manifest["graphs"] else None
         self.tokenizer = None
 
     def _open(self, ort, graph: dict, opts):
@@ -94,8 +95,29 @@ class OnnxSession:
         out = self._step.run([g["logits"], *(s.output for s in self.states)], feeds)
         return out[0], out[1:]
 
+    @property
+    def has_prefill(self) -> bool:
+        return self._prefill is not None
+
+    def prefill(self, tokens, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """tokens [B, T] through the prefill graph -> logits of the last position [B, V] and the state."""
+        if self._prefill is None:
+            raise RWKVDeployError(f"{self.folder} has no prefill graph; re-export with --prefill")
+        tokens = self.check_inputs(tokens, state, seq=True)
+        if tokens.shape[1] == 0:
+            raise RWKVDeployError("prefill needs at least one token")
+        g = self.manifest.graph("prefill")
+        feeds = {g["tokens"]: tokens, **{s.input: t for s, t in zip(self.states, state)}}
+        out = self._prefill.run([g["logits"], *(s.output for s in self.states)], feeds)
+        return out[0], out[1:]
+
     def forward(self, tokens, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """tokens [B, T] -> logits of the last position [B, V] and the state after it (one step per token)."""
+        """tokens [B, T] -> logits of the last position [B, V] and the state after it.
+
+        Uses the prefill graph when the export has one, else one step per token.
+        """
+        if self._prefill is not None:
+            return self.prefill(tokens, state)
         tokens = self.check_inputs(tokens, state, seq=True)
         logits = None
         for t in range(tokens.shape[1]):

@@ -1,0 +1,50 @@
+"""The parity table: every version x precision, exported and verified against the reference.
+
+    python bench/parity_table.py [--steps 256] [--batch 4] [--layers 4 --embd 128]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--embd", type=int, default=128)
+    ap.add_argument("--head-size", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=1024)
+    a = ap.parse_args()
+
+    import torch
+
+    from rwkv_deploy import export
+    from rwkv_deploy.models.synthetic import ALL_VERSIONS, make_checkpoint, save_checkpoint
+    from rwkv_deploy.validation.compare import verify
+
+    print(f"{a.layers}x{a.embd}, head {a.head_size}, vocab {a.vocab}, bf16-stored random weights; "
+          f"{a.steps} steps x batch {a.batch}, free-running / teacher-forced")
+    print(f"{'version':<8}{'prec':<6}{'|Δ|/std free':>14}{'|Δ|/std forced':>16}{'max|Δ|':>10}{'top-1':>8}{'top-1*':>8}"
+          f"{'export s':>10}{'size MB':>9}  verdict")
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in ALL_VERSIONS:
+            ckpt = Path(tmp) / f"v{v}.pth"
+            save_checkpoint(make_checkpoint(v, a.layers, a.embd, a.head_size, a.vocab, dtype=torch.bfloat16), ckpt)
+            for prec in ("fp32", "fp16"):
+                t = time.time()
+                out = export(ckpt, Path(tmp) / f"{v}-{prec}", precision=prec)
+                secs = time.time() - t
+                size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
+                r = verify(out, steps=a.steps, batch=a.batch)
+                f, g = r.free_running.summary(), r.teacher_forced.summary()
+                print(f"{v:<8}{prec:<6}{f['normalised']:>14.3g}{g['normalised']:>16.3g}"
+                      f"{max(f['max_abs'], g['max_abs']):>10.3g}{min(f['top1'], g['top1']):>8.1%}"
+                      f"{min(f['top1_ties'], g['top1_ties']):>8.1%}{secs:>10.1f}{size:>9.1f}  {'PASS' if r else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
