@@ -8,10 +8,17 @@ Shapes: B batch, T tokens, A attention width, H heads, N head size.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Tuple
 
 import torch
 from torch import Tensor
+
+
+def _script(fn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, but it is what turns
+        return torch.jit.script(fn)  # these loops into ONNX Loop nodes with a dynamic trip count
 
 
 def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor
@@ -55,7 +62,7 @@ def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Te
 
 
 # The loops take the trip count as a tensor made by a Shape op: an int would be frozen into the graph.
-@torch.jit.script
+@_script
 def _wkv4_seq(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor, steps: Tensor):
     ys: List[Tensor] = []
     for t in range(int(steps)):
@@ -64,7 +71,7 @@ def _wkv4_seq(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor
     return torch.stack(ys, 1), aa, bb, pp
 
 
-@torch.jit.script
+@_script
 def _wkv5_seq(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor, steps: Tensor):
     ys: List[Tensor] = []
     for t in range(int(steps)):
@@ -73,7 +80,7 @@ def _wkv5_seq(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor, 
     return torch.stack(ys, 1), S
 
 
-@torch.jit.script
+@_script
 def _wkv7_seq(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor, steps: Tensor):
     ys: List[Tensor] = []
     for t in range(int(steps)):
