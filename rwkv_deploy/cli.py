@@ -20,7 +20,8 @@ def _export(a):
     from .exporters.export import export
 
     export(a.checkpoint, a.output, precision=a.precision, opset=a.opset, tokenizer=a.tokenizer,
-           external_data=True if a.external_data else None, force=a.force, prefill=a.prefill)
+           external_data=True if a.external_data else None, force=a.force, prefill=a.prefill, wkv=a.wkv,
+           ort_include=a.ort_include)
 
 
 def _verify(a):
@@ -42,6 +43,12 @@ def _run(a):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _build_ops(a):
+    from .custom_ops.build import build_library
+
+    print(build_library(force=a.force, ort_include=a.ort_include))
 
 
 def _demo(a):
@@ -70,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights in model.onnx.data (automatic above 1.8 GB)")
     s.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     s.add_argument("--prefill", action="store_true", help="also write prefill.onnx: a whole prompt in one call")
+    s.add_argument("--wkv", default="portable",
+                   help="portable (standard ONNX ops, default) or fused (one rwkv::WKV node per layer; needs the "
+                        "custom-op library, built on first use)")
+    s.add_argument("--ort-include", help="ONNX Runtime headers for building the custom-op library (default: fetched "
+                                         "with npm)")
     s.set_defaults(fn=_export)
 
     s = sub.add_parser("verify", help="step-by-step parity of an export against the PyTorch reference")
@@ -89,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=0.85)
     s.add_argument("--seed", type=int, help="fix for reproducible output")
     s.set_defaults(fn=_run)
+
+    s = sub.add_parser("build-ops", help="build the ONNX Runtime custom-op library (fused WKV) and print its path")
+    s.add_argument("--force", action="store_true", help="rebuild even if it is built")
+    s.add_argument("--ort-include", help="ONNX Runtime headers (default: fetched with npm)")
+    s.set_defaults(fn=_build_ops)
 
     s = sub.add_parser("demo", help="make, export, verify and run a small model: no files needed")
     s.add_argument("--dir", default="rwkv-deploy-demo", help="working folder (default ./rwkv-deploy-demo)")

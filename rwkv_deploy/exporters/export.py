@@ -23,14 +23,18 @@ from .onnx_graph import LOGITS, TOKENS, PrefillGraph, StepGraph, export_graph, s
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+WKV_MODES = ("portable", "fused")
 NP_DTYPE = {torch.float32: "float32", torch.float16: "float16"}
 
 
 def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokenizer=None,
-           external_data: bool | None = None, force: bool = False, prefill: bool = False) -> Path:
+           external_data: bool | None = None, force: bool = False, prefill: bool = False, wkv: str = "portable",
+           ort_include=None) -> Path:
     """Export `checkpoint` to the folder `out`; returns its path. Nothing is left at `out` on failure."""
     if precision not in PRECISIONS:
         raise RWKVDeployError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if wkv not in WKV_MODES:
+        raise RWKVDeployError(f"unknown --wkv {wkv!r}; expected one of {', '.join(WKV_MODES)}")
     if not 13 <= opset <= 23:
         raise RWKVDeployError(f"opset {opset} is not supported; use 17..23 (default 18)")
     out = Path(out).absolute()
@@ -41,7 +45,12 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
              ckpt.dims.n_layer, ckpt.dims.n_embd, f"{ckpt.n_params:,}", time.time() - t0)
     tok_src, tok_kind = _find_tokenizer(ckpt, tokenizer)
     dtype = PRECISIONS[precision]
-    model = RWKV(ckpt, dtype).eval()
+    library = None
+    if wkv == "fused":
+        from ..custom_ops.build import build_library
+
+        library = build_library(ort_include=ort_include)
+    model = RWKV(ckpt, dtype, wkv=wkv).eval()
     d = ckpt.dims
     try:
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -62,6 +71,11 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
             graphs["prefill"] = _graph_entry("prefill.onnx", ext, ["batch", "seq"], d.vocab_size)
             log.info("[2/4] prefill graph traced and checked in %.1fs", time.time() - t1)
         state = _state_entries(model, tmp)
+        op_library = None
+        if library is not None:  # shipped in the folder so that the export runs where it is copied to
+            shutil.copyfile(library, tmp / library.name)
+            op_library = {"path": library.name, "rwkv_deploy_version": __version__, "domain": "rwkv",
+                          "execution_provider": "CPUExecutionProvider"}
         tok_entry = None
         if tok_src is not None:
             name = "tokenizer.json" if tok_kind == "hf-tokenizers" else tok_src.name
@@ -71,12 +85,12 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         manifest = {
             "format": FORMAT, "rwkv_version": d.version, "n_layer": d.n_layer, "n_embd": d.n_embd,
             "dim_att": d.dim_att, "dim_ffn": d.dim_ffn, "n_head": d.n_head, "head_size": d.head_size,
-            "vocab_size": d.vocab_size, "precision": precision, "wkv": "portable", "opset": opset,
+            "vocab_size": d.vocab_size, "precision": precision, "wkv": wkv, "opset": opset,
             "rescale_every": model.rescale_every,
             "graphs": graphs,
             "state": state,
             "tokenizer": tok_entry,
-            "custom_op_library": None,
+            "custom_op_library": op_library,
             "source": {"path": str(ckpt.path.absolute()), "format": ckpt.format, "sha256": ckpt.sha256},
             "rwkv_deploy_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -55,10 +55,17 @@ def export_graph(module: nn.Module, model: RWKV, tokens: torch.Tensor, path: Pat
     example = (tokens, *model.init_state(tokens.shape[0]))
     raw = path.parent / "raw" / path.name
     raw.parent.mkdir()
+    custom = {}
+    if model.wkv == "fused":
+        from ..custom_ops.torch_ops import DOMAIN, OPSET, register_for_export
+
+        register_for_export()
+        custom = {DOMAIN: OPSET}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings
         torch.onnx.export(module, example, str(raw), dynamo=False, opset_version=opset, input_names=[TOKENS, *ins],
-                          output_names=[LOGITS, *outs], dynamic_axes=axes, do_constant_folding=True)
+                          output_names=[LOGITS, *outs], dynamic_axes=axes, do_constant_folding=True,
+                          custom_opsets=custom)
     import onnx
 
     proto = onnx.load(str(raw))  # also pulls in any per-tensor external files the exporter wrote

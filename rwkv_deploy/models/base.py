@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .common import Dims, Params, StateKind
+from .wkv import WKVOps
 
 Shapes = dict[str, tuple[int, ...]]  # key suffix after `blocks.{i}.` -> canonical shape (time_* squeezed)
 
@@ -37,10 +38,11 @@ class Version:
         """A per-layer initial value other than the fill value (state-tuned checkpoints), else None."""
         return None
 
-    def time_mix(self, att: Params, xx: Tensor, sx: Tensor, state: dict[str, Tensor], carry):
+    def time_mix(self, att: Params, xx: Tensor, sx: Tensor, state: dict[str, Tensor], carry, ops: WKVOps):
         """xx, sx [B, T, C] (normalised input and its shifted copy) -> (out [B, T, C], new wkv state, carry).
 
         `carry` passes data from layer to layer within a token (v7's v_first); it starts as None.
+        `ops` is the WKV implementation to call (portable or fused).
         """
         raise NotImplementedError
 

@@ -11,6 +11,7 @@ from ..errors import RWKVDeployError
 from .checkpoint import Checkpoint
 from .common import Dims, Params, StateKind, layer_norm
 from .versions import VERSIONS
+from .wkv import PORTABLE
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16}
 
@@ -55,8 +56,16 @@ class RWKV(nn.Module):
     convention, i.e. an HF folder's config value, else 6 in fp16 and off otherwise).
     """
 
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, rescale_every: int | None = None):
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, rescale_every: int | None = None,
+                 wkv: str = "portable"):
         super().__init__()
+        if wkv not in ("portable", "fused"):
+            raise RWKVDeployError(f"unknown wkv mode {wkv!r}; expected portable or fused")
+        if wkv == "fused":
+            from ..custom_ops.torch_ops import FUSED as ops
+        else:
+            ops = PORTABLE
+        self.wkv, self.wkv_ops = wkv, ops
         d = ckpt.dims
         V = VERSIONS[d.version]
         self.dims, self.version, self.dtype = d, V, dtype
@@ -113,7 +122,7 @@ class RWKV(nn.Module):
             st = dict(zip(kinds, state[i * len(kinds):(i + 1) * len(kinds)]))
             xx = layer_norm(x, blk.ln1)  # [B, T, C]
             sx = torch.cat([st["att_x"].unsqueeze(1), xx[:, :-1]], 1)  # token shift: previous normalised input
-            out, wkv_state, carry = self.version.time_mix(blk.att, xx, sx, st, carry)
+            out, wkv_state, carry = self.version.time_mix(blk.att, xx, sx, st, carry, self.wkv_ops)
             x = x + out
             xf = layer_norm(x, blk.ln2)  # [B, T, C]
             sf = torch.cat([st["ffn_x"].unsqueeze(1), xf[:, :-1]], 1)

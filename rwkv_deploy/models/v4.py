@@ -7,7 +7,6 @@ from torch import Tensor
 
 from .base import Version
 from .common import Dims, Params, StateKind, mix, relu_sq
-from .wkv import run_wkv4
 
 
 def channel_mix_v4(ffn: Params, xx: Tensor, sx: Tensor) -> Tensor:
@@ -49,13 +48,13 @@ class V4(Version):
         # pp starts at -1e30 so that the first token gives wkv = v exactly (spec §6)
         return [StateKind("aa", (A,)), StateKind("bb", (A,)), StateKind("pp", (A,), init=-1e30)]
 
-    def time_mix(self, att, xx, sx, state, carry):
+    def time_mix(self, att, xx, sx, state, carry, ops):
         aa = state["aa"]
         r = torch.sigmoid(F.linear(mix(xx, sx, att.time_mix_r), att.receptance.weight))  # [B, T, A]
         # k, v in fp32 even in fp16 models: exp(u + k) overflows otherwise (spec §8.2)
         k = F.linear(mix(xx, sx, att.time_mix_k), att.key.weight).to(aa.dtype)  # [B, T, A]
         v = F.linear(mix(xx, sx, att.time_mix_v), att.value.weight).to(aa.dtype)  # [B, T, A]
-        wkv, (aa, bb, pp) = run_wkv4(att.w, att.u, k, v, aa, state["bb"], state["pp"])  # [B, T, A]
+        wkv, (aa, bb, pp) = ops.v4(att.w, att.u, k, v, aa, state["bb"], state["pp"])  # [B, T, A]
         out = F.linear(r * wkv.to(r.dtype), att.output.weight)  # [B, T, C]
         return out, {"aa": aa, "bb": bb, "pp": pp}, carry
 

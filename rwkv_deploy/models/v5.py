@@ -11,15 +11,14 @@ from torch import Tensor
 from .base import Version
 from .common import Params, StateKind, group_norm_heads, mix
 from .v4 import channel_mix_v4, ffn_shapes_v4, projection_shapes
-from .wkv import run_wkv5
 
 
-def attend_v5(att: Params, r: Tensor, k: Tensor, v: Tensor, w: Tensor, S: Tensor, out_dtype) -> tuple[Tensor, Tensor]:
+def attend_v5(att: Params, r: Tensor, k: Tensor, v: Tensor, w: Tensor, S: Tensor, out_dtype, ops):
     """Shared by v5.x and v6: WKV over the sequence then the head-wise GroupNorm.
 
     r, k, v [B, T, H, N] fp32; w decay [B, T, H, N]; S [B, H, N, N]. Returns y [B, T, A] and S.
     """
-    y, S = run_wkv5(r, k, v, w, att.u, S)  # [B, T, H, N]
+    y, S = ops.v5(r, k, v, w, att.u, S)  # [B, T, H, N]
     return group_norm_heads(y, att.ln_x, att.u.shape).to(out_dtype), S  # GroupNorm in fp32 (spec §8.2)
 
 
@@ -74,14 +73,14 @@ class V5(Version):
     def initial_wkv_state(self, p, kind):
         return getattr(p.att, "time_state", None)
 
-    def time_mix(self, att, xx, sx, state, carry):
+    def time_mix(self, att, xx, sx, state, carry, ops):
         S = state["S"]
         hn = att.u.shape  # (H, N)
         r = heads(F.linear(mix(xx, sx, att.time_mix_r), att.receptance.weight).to(S.dtype), hn)  # [B, T, H, N]
         k = heads(F.linear(mix(xx, sx, att.time_mix_k), att.key.weight).to(S.dtype), hn)
         v = heads(F.linear(mix(xx, sx, att.time_mix_v), att.value.weight).to(S.dtype), hn)
         w = att.decay.expand_as(r)  # [B, T, H, N]
-        y, S = attend_v5(att, r, k, v, w, S, xx.dtype)  # [B, T, A]
+        y, S = attend_v5(att, r, k, v, w, S, xx.dtype, ops)  # [B, T, A]
         if self.gate:
             y = y * F.silu(F.linear(mix(xx, sx, att.time_mix_g), att.gate.weight))
         return F.linear(y, att.output.weight), {"S": S}, carry

@@ -37,7 +37,7 @@ class V6(V5):
             p["att.time_state"] = p["att.time_state"].transpose(1, 2).contiguous()
         return p
 
-    def time_mix(self, att, xx, sx, state, carry):
+    def time_mix(self, att, xx, sx, state, carry, ops):
         S = state["S"]
         hn = att.u.shape  # (H, N)
         dx = sx - xx  # [B, T, C]
@@ -55,7 +55,7 @@ class V6(V5):
         g = F.silu(F.linear(xg, att.gate.weight))  # [B, T, A]
         wl = att.time_decay + (torch.tanh(xw @ att.time_decay_w1) @ att.time_decay_w2).to(S.dtype)  # [B, T, A]
         w = heads(torch.exp(-torch.exp(wl)), hn)  # [B, T, H, N], decay per token and channel
-        y, S = attend_v5(att, r, k, v, w, S, xx.dtype)
+        y, S = attend_v5(att, r, k, v, w, S, xx.dtype, ops)
         return F.linear(y * g, att.output.weight), {"S": S}, carry
 
     def channel_mix(self, ffn, xx, sx):

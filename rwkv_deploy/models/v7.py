@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from .base import Version
 from .common import StateKind, group_norm_heads, lerp, relu_sq
 from .v5 import heads
-from .wkv import run_wkv7
 
 NORMALIZE_EPS = 1e-12  # F.normalize default, as in [PKG]
 DECAY_SCALE = math.exp(-0.5)  # decay = exp(-e^-0.5 * sigmoid(w)): soft-clamps log-decay to (-inf, -0.5)
@@ -51,7 +50,7 @@ class V7(Version):
     def wkv_state(self, d):
         return [StateKind("S", (d.n_head, d.head_size, d.head_size))]
 
-    def time_mix(self, att, xx, sx, state, carry):
+    def time_mix(self, att, xx, sx, state, carry, ops):
         S = state["S"]
         hn = att.r_k.shape  # (H, N)
         xr, xw, xk, xv, xa, xg = (lerp(xx, sx, mu) for mu in (att.x_r, att.x_w, att.x_k, att.x_v, att.x_a, att.x_g))
@@ -70,7 +69,7 @@ class V7(Version):
             v = v + (carry - v) * torch.sigmoid(att.v0 + (xv @ att.v1) @ att.v2)
         r, w, k, v, a = (heads(t.to(S.dtype), hn) for t in (r, w, k, v, a))  # [B, T, H, N] fp32
         kk = kk.to(S.dtype)
-        y, S = run_wkv7(r, w, k, v, -kk, kk * a, S)  # [B, T, H, N]
+        y, S = ops.v7(r, w, k, v, -kk, kk * a, S)  # [B, T, H, N]
         y = group_norm_heads(y, att.ln_x, hn)  # [B, T, C]
         y = y + ((r * k * att.r_k).sum(-1, keepdim=True) * v).flatten(-2)  # per-head bonus for the current token
         return F.linear(y.to(xx.dtype) * g, att.output.weight), {"S": S}, carry

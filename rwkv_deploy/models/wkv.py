@@ -9,7 +9,8 @@ Shapes: B batch, T tokens, A attention width, H heads, N head size.
 from __future__ import annotations
 
 import warnings
-from typing import List, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
 
 import torch
 from torch import Tensor
@@ -116,3 +117,16 @@ def run_wkv7(r, w, k, v, a, b, S):
         y, S = wkv7(r[:, 0], w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], S)
         return y.unsqueeze(1), S
     return _wkv7_seq(r, w, k, v, a, b, S, _steps(r))
+
+
+@dataclass(frozen=True)
+class WKVOps:
+    """Which implementation of the recurrences a model calls: PORTABLE (standard ONNX ops once traced) or the
+    fused rwkv-domain operators (custom_ops.torch_ops.FUSED). Same signatures as run_wkv4/5/7."""
+
+    v4: Callable
+    v5: Callable
+    v7: Callable
+
+
+PORTABLE = WKVOps(run_wkv4, run_wkv5, run_wkv7)

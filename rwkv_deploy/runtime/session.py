@@ -41,10 +41,33 @@ class OnnxSession:
         if threads:
             opts.intra_op_num_threads = threads
         self.providers = providers or default_providers()
+        self._register_library(opts)
         step = self.manifest.graph("step")
         self._step = self._open(ort, step, opts)
         self._prefill = self._open(ort, self.manifest.graph("prefill"), opts) if "prefill" in self.manifest["graphs"] else None
         self.tokenizer = None
+
+    def _register_library(self, opts) -> None:
+        lib = self.manifest.get("custom_op_library")
+        if not lib:
+            return
+        from ..custom_ops.build import library_version
+
+        path = Path(lib["path"]) if Path(lib["path"]).is_absolute() else self.folder / lib["path"]
+        how = "rebuild it with `rwkv-deploy build-ops` and re-export with --wkv fused (or export with --wkv portable)"
+        if not path.exists():
+            raise RWKVDeployError(f"this export needs the rwkv custom-op library {path}, which is missing; {how}")
+        built = library_version(path)
+        if built != lib.get("rwkv_deploy_version"):
+            raise RWKVDeployError(f"{path} was built by rwkv-deploy {built}, the manifest expects "
+                                  f"{lib.get('rwkv_deploy_version')}; {how}")
+        try:
+            opts.register_custom_ops_library(str(path))
+        except Exception as e:  # onnxruntime's own error types
+            raise RWKVDeployError(f"ONNX Runtime refused {path}: {str(e).splitlines()[0][:300]}; {how}")
+        # the library's kernels are CPU kernels: keep the CPU provider in the list
+        if "CPUExecutionProvider" not in self.providers:
+            self.providers = [*self.providers, "CPUExecutionProvider"]
 
     def _open(self, ort, graph: dict, opts):
         path = self.folder / graph["file"]

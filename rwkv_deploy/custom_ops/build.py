@@ -1,0 +1,99 @@
+"""Builds the ONNX Runtime custom-op library (cpu/wkv_ops.cc) from source, once per source version.
+
+The ONNX Runtime C/C++ headers are in no PyPI or Debian package; the npm package named below carries the
+ORT 1.29 headers (API 29, which onnxruntime 1.29+ accepts). They are fetched with `npm pack` into the cache
+at build time and never committed. `--ort-include DIR` uses headers you already have instead.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from .. import __version__
+from ..errors import RWKVDeployError
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "cpu" / "wkv_ops.cc"
+HEADERS_NPM = "com.github.asus4.onnxruntime@0.4.9"
+HEADERS_IN_TARBALL = "package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64/onnxruntime.framework/Headers/"
+NEEDED = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_lite_custom_op.h")
+LIB_NAME = "librwkv_ops.so"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "rwkv-deploy"
+
+
+def library_path() -> Path:
+    """Where the library for this source and version lives (built or not)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + __version__.encode()).hexdigest()[:12]
+    return cache_dir() / "ops" / f"{__version__}-{digest}" / LIB_NAME
+
+
+def fetch_headers() -> Path:
+    dest = cache_dir() / "ort-headers-api29"
+    if all((dest / h).exists() for h in NEEDED):
+        return dest
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RWKVDeployError("building the custom-op library needs the ONNX Runtime headers: install npm (they are "
+                              f"fetched from the npm package {HEADERS_NPM}) or pass --ort-include DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        log.info("fetching ONNX Runtime headers (npm pack %s, ~150 MB)", HEADERS_NPM)
+        r = subprocess.run([npm, "pack", HEADERS_NPM, "--silent"], cwd=tmp, capture_output=True, text=True)
+        tgz = list(Path(tmp).glob("*.tgz"))
+        if r.returncode != 0 or not tgz:
+            raise RWKVDeployError(f"npm pack {HEADERS_NPM} failed: {r.stderr.strip()[-300:]}")
+        staging = Path(tmp) / "headers"
+        staging.mkdir()
+        with tarfile.open(tgz[0]) as tar:
+            for member in tar.getmembers():  # only the header files, copied by name (no paths from the archive)
+                name = member.name[len(HEADERS_IN_TARBALL):]
+                if member.isfile() and member.name.startswith(HEADERS_IN_TARBALL) and name.endswith(".h") and "/" not in name:
+                    with tar.extractfile(member) as src, open(staging / name, "wb") as out:
+                        shutil.copyfileobj(src, out)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(staging, dest)
+    return dest
+
+
+def build_library(force: bool = False, ort_include: str | Path | None = None) -> Path:
+    """Compile (if needed) and return the path of librwkv_ops.so."""
+    lib = library_path()
+    if lib.exists() and not force:
+        return lib
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        raise RWKVDeployError("building the custom-op library needs a C++17 compiler (g++); install one")
+    include = Path(ort_include) if ort_include else fetch_headers()
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_suffix(f".tmp{os.getpid()}")
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}",
+           f'-DRWKV_DEPLOY_VERSION="{__version__}"', str(SOURCE), "-o", str(tmp)]
+    log.info("compiling %s", SOURCE.name)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RWKVDeployError(f"compiling {SOURCE.name} failed:\n{r.stderr[-2000:]}")
+    os.replace(tmp, lib)
+    return lib
+
+
+def library_version(path: Path) -> str:
+    """The rwkv-deploy version compiled into a library (its RwkvOpsVersion symbol)."""
+    try:
+        fn = ctypes.CDLL(str(path)).RwkvOpsVersion
+    except (OSError, AttributeError) as e:
+        raise RWKVDeployError(f"{path} is not an rwkv-deploy custom-op library ({e}); rebuild it with "
+                              "`rwkv-deploy build-ops`")
+    fn.restype = ctypes.c_char_p
+    return fn().decode()

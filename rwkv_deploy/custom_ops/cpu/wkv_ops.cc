@@ -1,0 +1,218 @@
+// ONNX Runtime custom-op library: the rwkv domain's fused WKV operators on the CPU.
+//
+// The math is rwkv_deploy/models/wkv.py, one token at a time over T (T = 1 is the decode step):
+//   rwkv::WKV4(w[A], u[A], k[B,T,A], v[B,T,A], aa[B,A], bb[B,A], pp[B,A]) -> y[B,T,A], aa', bb', pp'
+//   rwkv::WKV5(r, k, v, w [B,T,H,N], u[H,N], S[B,H,N,N] key x value)     -> y[B,T,H,N], S'
+//   rwkv::WKV7(r, w, k, v, a, b [B,T,H,N], S[B,H,N,N] value x key)       -> y[B,T,H,N], S'
+// Independent recurrences (channels for v4, heads for v5-v7) run in parallel on ONNX Runtime's
+// intra-op thread pool. Bad shapes return an error status; nothing is read out of bounds.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#define ORT_API_MANUAL_INIT  // a custom-op library gets the API from the runtime that loads it
+#include "onnxruntime_lite_custom_op.h"
+
+using Ort::Custom::Tensor;
+using Shape = std::vector<int64_t>;
+
+namespace {
+
+Ort::Status Invalid(const std::string& msg) { return Ort::Status(msg.c_str(), ORT_INVALID_ARGUMENT); }
+
+std::string Str(const Shape& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+// expected may hold -1 for "any"; returns an error naming the input when the shape differs.
+Ort::Status Expect(const char* op, const char* name, const Shape& got, const Shape& expected) {
+  bool ok = got.size() == expected.size();
+  for (size_t i = 0; ok && i < got.size(); ++i) ok = expected[i] < 0 || got[i] == expected[i];
+  if (ok) return Ort::Status{nullptr};
+  return Invalid(std::string("rwkv::") + op + ": input " + name + " has shape " + Str(got) + ", expected " +
+                 Str(expected) + " (-1 = any)");
+}
+
+#define RETURN_IF_ERROR(expr)              \
+  do {                                     \
+    Ort::Status _s = (expr);               \
+    if (!_s.IsOK()) return _s;             \
+  } while (0)
+
+template <typename Fn>
+void ParallelFor(OrtKernelContext* ctx, size_t total, Fn& fn) {
+  Ort::KernelContext(ctx).ParallelFor(
+      [](void* data, size_t i) { (*static_cast<Fn*>(data))(i); }, total, 0, &fn);
+}
+
+// ---- RWKV-4: the stable "pp" form, one recurrence per (batch row, channel) ----
+Ort::Status WKV4(OrtKernelContext* ctx, const Tensor<float>& w, const Tensor<float>& u, const Tensor<float>& k,
+                 const Tensor<float>& v, const Tensor<float>& aa, const Tensor<float>& bb, const Tensor<float>& pp,
+                 Tensor<float>& y, Tensor<float>& aa_out, Tensor<float>& bb_out, Tensor<float>& pp_out) {
+  const Shape ks = k.Shape();
+  if (ks.size() != 3) return Invalid("rwkv::WKV4: input k must be [B, T, A], got " + Str(ks));
+  const int64_t B = ks[0], T = ks[1], A = ks[2];
+  RETURN_IF_ERROR(Expect("WKV4", "w", w.Shape(), {A}));
+  RETURN_IF_ERROR(Expect("WKV4", "u", u.Shape(), {A}));
+  RETURN_IF_ERROR(Expect("WKV4", "v", v.Shape(), {B, T, A}));
+  RETURN_IF_ERROR(Expect("WKV4", "aa", aa.Shape(), {B, A}));
+  RETURN_IF_ERROR(Expect("WKV4", "bb", bb.Shape(), {B, A}));
+  RETURN_IF_ERROR(Expect("WKV4", "pp", pp.Shape(), {B, A}));
+  const float *W = w.Data(), *U = u.Data(), *K = k.Data(), *V = v.Data();
+  const float *AA = aa.Data(), *BB = bb.Data(), *PP = pp.Data();
+  float* Y = y.Allocate({B, T, A});
+  float* AO = aa_out.Allocate({B, A});
+  float* BO = bb_out.Allocate({B, A});
+  float* PO = pp_out.Allocate({B, A});
+  const int64_t block = 64;  // channels per task
+  const int64_t blocks = (A + block - 1) / block;
+  auto body = [&](size_t task) {
+    const int64_t b = task / blocks, c0 = (task % blocks) * block, c1 = std::min(A, c0 + block);
+    for (int64_t c = c0; c < c1; ++c) {
+      float a_ = AA[b * A + c], b_ = BB[b * A + c], p_ = PP[b * A + c];
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t i = (b * T + t) * A + c;
+        const float kt = K[i], vt = V[i];
+        float ww = U[c] + kt, p = std::max(p_, ww);
+        float e1 = std::exp(p_ - p), e2 = std::exp(ww - p);
+        Y[i] = (e1 * a_ + e2 * vt) / (e1 * b_ + e2);
+        ww = W[c] + p_;
+        p = std::max(ww, kt);
+        e1 = std::exp(ww - p);
+        e2 = std::exp(kt - p);
+        a_ = e1 * a_ + e2 * vt;
+        b_ = e1 * b_ + e2;
+        p_ = p;
+      }
+      AO[b * A + c] = a_;
+      BO[b * A + c] = b_;
+      PO[b * A + c] = p_;
+    }
+  };
+  ParallelFor(ctx, static_cast<size_t>(B * blocks), body);
+  return Ort::Status{nullptr};
+}
+
+// Shared shape checks of WKV5/WKV7: n_seq inputs of [B, T, H, N] and S [B, H, N, N].
+Ort::Status HeadShapes(const char* op, const std::vector<const Tensor<float>*>& seq, const char* const* names,
+                       const Tensor<float>& S, int64_t& B, int64_t& T, int64_t& H, int64_t& N) {
+  const Shape s0 = seq[0]->Shape();
+  if (s0.size() != 4) return Invalid(std::string("rwkv::") + op + ": input " + names[0] + " must be [B, T, H, N], got " + Str(s0));
+  B = s0[0], T = s0[1], H = s0[2], N = s0[3];
+  for (size_t i = 1; i < seq.size(); ++i) RETURN_IF_ERROR(Expect(op, names[i], seq[i]->Shape(), {B, T, H, N}));
+  return Expect(op, "S", S.Shape(), {B, H, N, N});
+}
+
+// ---- RWKV-5.x / 6: S[i=key][j=value]; the output reads the old state ----
+Ort::Status WKV5(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<float>& k, const Tensor<float>& v,
+                 const Tensor<float>& w, const Tensor<float>& u, const Tensor<float>& S, Tensor<float>& y,
+                 Tensor<float>& S_out) {
+  static const char* names[] = {"r", "k", "v", "w"};
+  int64_t B, T, H, N;
+  RETURN_IF_ERROR(HeadShapes("WKV5", {&r, &k, &v, &w}, names, S, B, T, H, N));
+  RETURN_IF_ERROR(Expect("WKV5", "u", u.Shape(), {H, N}));
+  const float *R = r.Data(), *K = k.Data(), *V = v.Data(), *W = w.Data(), *U = u.Data();
+  float* Y = y.Allocate({B, T, H, N});
+  float* SO = S_out.Allocate({B, H, N, N});
+  std::memcpy(SO, S.Data(), sizeof(float) * B * H * N * N);
+  auto body = [&](size_t task) {
+    const int64_t b = task / H, h = task % H;
+    float* s = SO + task * N * N;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t o = ((b * T + t) * H + h) * N;
+      const float *rt = R + o, *kt = K + o, *vt = V + o, *wt = W + o, *uh = U + h * N;
+      float* yt = Y + o;
+      std::fill(yt, yt + N, 0.f);
+      for (int64_t i = 0; i < N; ++i) {  // y = r (u k vᵀ + S);  S = k vᵀ + diag(w) S
+        const float ri = rt[i], ki = kt[i], wi = wt[i], ruk = ri * uh[i] * ki;
+        float* si = s + i * N;
+        for (int64_t j = 0; j < N; ++j) {
+          yt[j] += ri * si[j] + ruk * vt[j];
+          si[j] = si[j] * wi + ki * vt[j];
+        }
+      }
+    }
+  };
+  ParallelFor(ctx, static_cast<size_t>(B * H), body);
+  return Ort::Status{nullptr};
+}
+
+// ---- RWKV-7: S[i=value][j=key]; S = S diag(w) + (S a) bᵀ + v kᵀ; the output reads the new state ----
+Ort::Status WKV7(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<float>& w, const Tensor<float>& k,
+                 const Tensor<float>& v, const Tensor<float>& a, const Tensor<float>& bvec, const Tensor<float>& S,
+                 Tensor<float>& y, Tensor<float>& S_out) {
+  static const char* names[] = {"r", "w", "k", "v", "a", "b"};
+  int64_t B, T, H, N;
+  RETURN_IF_ERROR(HeadShapes("WKV7", {&r, &w, &k, &v, &a, &bvec}, names, S, B, T, H, N));
+  const float *R = r.Data(), *W = w.Data(), *K = k.Data(), *V = v.Data(), *Av = a.Data(), *Bv = bvec.Data();
+  float* Y = y.Allocate({B, T, H, N});
+  float* SO = S_out.Allocate({B, H, N, N});
+  std::memcpy(SO, S.Data(), sizeof(float) * B * H * N * N);
+  auto body = [&](size_t task) {
+    const int64_t b = task / H, h = task % H;
+    float* s = SO + task * N * N;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t o = ((b * T + t) * H + h) * N;
+      const float *rt = R + o, *wt = W + o, *kt = K + o, *vt = V + o, *at = Av + o, *bt = Bv + o;
+      float* yt = Y + o;
+      for (int64_t i = 0; i < N; ++i) {
+        float* si = s + i * N;
+        float sa = 0.f;
+        for (int64_t j = 0; j < N; ++j) sa += si[j] * at[j];
+        float acc = 0.f;
+        for (int64_t j = 0; j < N; ++j) {
+          si[j] = si[j] * wt[j] + sa * bt[j] + vt[i] * kt[j];
+          acc += si[j] * rt[j];
+        }
+        yt[i] = acc;
+      }
+    }
+  };
+  ParallelFor(ctx, static_cast<size_t>(B * H), body);
+  return Ort::Status{nullptr};
+}
+
+// Ops and domain live as long as the process: every session registered with them keeps pointers to them.
+std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>> g_kernels;
+Ort::CustomOpDomain* g_domain = nullptr;
+std::once_flag g_once;
+
+void MakeDomain() {
+  g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV4", "CPUExecutionProvider", WKV4));
+  g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV5", "CPUExecutionProvider", WKV5));
+  g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV7", "CPUExecutionProvider", WKV7));
+  g_domain = new Ort::CustomOpDomain("rwkv");
+  for (auto& k : g_kernels) g_domain->Add(k.get());
+}
+
+}  // namespace
+
+#define RWKV_EXPORT __attribute__((visibility("default")))  // everything else stays hidden
+
+extern "C" {
+
+// Which rwkv-deploy wrote this library; open_session compares it with the manifest.
+RWKV_EXPORT const char* RwkvOpsVersion() { return RWKV_DEPLOY_VERSION; }
+
+RWKV_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    return nullptr;  // cannot even build a status: the runtime is older than the headers we were built with
+  }
+  Ort::InitApi(api);
+  try {
+    std::call_once(g_once, MakeDomain);
+    Ort::UnownedSessionOptions(options).Add(*g_domain);
+  } catch (const Ort::Exception& e) {
+    return Ort::Status(e).release();
+  }
+  return nullptr;
+}
+
+}  // extern "C"
