@@ -18,11 +18,11 @@ torch.set_grad_enabled(False)
 def prefill_exports(make_ckpt, tmp_path_factory):
     root, cache = tmp_path_factory.mktemp("prefill"), {}
 
-    def get(version, precision="fp32"):
-        if (version, precision) not in cache:
-            cache[version, precision] = export(make_ckpt(version), root / f"{version}-{precision}", precision=precision,
-                                               prefill=True)
-        return cache[version, precision]
+    def get(version, precision="fp32", wkv="portable"):
+        if (version, precision, wkv) not in cache:
+            cache[version, precision, wkv] = export(make_ckpt(version), root / f"{version}-{precision}-{wkv}",
+                                                    precision=precision, prefill=True, wkv=wkv)
+        return cache[version, precision, wkv]
 
     return get
 
@@ -37,11 +37,12 @@ def reference_steps(path, tokens):
     return np.stack(rows, 1), [s.numpy() for s in state]
 
 
+@pytest.mark.parametrize("wkv", ["portable", "fused"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("T", [1, 7, 64, 300])
 @pytest.mark.parametrize("version", VERSIONS)
-def test_prefill_then_steps_equals_single_steps(prefill_exports, make_ckpt, version, T, batch):
-    sess = open_session(prefill_exports(version))
+def test_prefill_then_steps_equals_single_steps(prefill_exports, make_ckpt, version, T, batch, wkv):
+    sess = open_session(prefill_exports(version, wkv=wkv))
     k = 4
     tokens = np.random.default_rng(T * 10 + batch).integers(0, 97, (batch, T + k))
     ref, ref_state = reference_steps(make_ckpt(version), tokens)
@@ -54,9 +55,10 @@ def test_prefill_then_steps_equals_single_steps(prefill_exports, make_ckpt, vers
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("wkv", ["portable", "fused"])
 @pytest.mark.parametrize("version", VERSIONS)
-def test_prefill_fp16(prefill_exports, make_ckpt, version):
-    sess = open_session(prefill_exports(version, "fp16"))
+def test_prefill_fp16(prefill_exports, make_ckpt, version, wkv):
+    sess = open_session(prefill_exports(version, "fp16", wkv))
     tokens = np.random.default_rng(9).integers(0, 97, (3, 40))
     ref, _ = reference_steps(make_ckpt(version), tokens)
     logits, _ = sess.prefill(tokens, sess.init_state(3))

@@ -6,10 +6,10 @@ at build time and never committed. `--ort-include DIR` uses headers you already 
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -89,11 +89,8 @@ def build_library(force: bool = False, ort_include: str | Path | None = None) ->
 
 
 def library_version(path: Path) -> str:
-    """The rwkv-deploy version compiled into a library (its RwkvOpsVersion symbol)."""
-    try:
-        fn = ctypes.CDLL(str(path)).RwkvOpsVersion
-    except (OSError, AttributeError) as e:
-        raise RWKVDeployError(f"{path} is not an rwkv-deploy custom-op library ({e}); rebuild it with "
-                              "`rwkv-deploy build-ops`")
-    fn.restype = ctypes.c_char_p
-    return fn().decode()
+    """The rwkv-deploy version tag compiled into a library, read from its bytes (the file is not loaded)."""
+    found = re.search(rb"rwkv-deploy-ops-version=([0-9A-Za-z.+-]+);", Path(path).read_bytes())
+    if not found:
+        raise RWKVDeployError(f"{path} is not an rwkv-deploy custom-op library; rebuild it with `rwkv-deploy build-ops`")
+    return found.group(1).decode()

@@ -197,8 +197,10 @@ void MakeDomain() {
 
 extern "C" {
 
-// Which rwkv-deploy wrote this library; open_session compares it with the manifest.
-RWKV_EXPORT const char* RwkvOpsVersion() { return RWKV_DEPLOY_VERSION; }
+// Which rwkv-deploy wrote this library. open_session finds the tag in the file's bytes and compares it with
+// the manifest (reading, not loading: a wrong library is never mapped into the process).
+__attribute__((used)) static const char kVersionTag[] = "rwkv-deploy-ops-version=" RWKV_DEPLOY_VERSION ";";
+RWKV_EXPORT const char* RwkvOpsVersion() { return kVersionTag; }
 
 RWKV_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);

@@ -1,0 +1,120 @@
+"""The fused WKV operators: graph structure, parity with portable and the reference, errors."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from conftest import VERSIONS, normalised, run_cli
+
+from rwkv_deploy import export, open_session
+from rwkv_deploy.errors import RWKVDeployError
+from rwkv_deploy.validation.compare import verify
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is needed (pip install -e .[onnx])")
+
+
+@pytest.fixture(scope="module")
+def fused(make_ckpt, tmp_path_factory):
+    root, cache = tmp_path_factory.mktemp("fused"), {}
+
+    def get(version, precision="fp32", wkv="fused"):
+        if (version, precision, wkv) not in cache:
+            cache[version, precision, wkv] = export(make_ckpt(version), root / f"{version}-{precision}-{wkv}",
+                                                    precision=precision, wkv=wkv, prefill=True)
+        return cache[version, precision, wkv]
+
+    return get
+
+
+def rwkv_nodes(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node if n.domain == "rwkv"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_one_wkv_node_per_layer(fused, version):
+    out = fused(version)
+    m = json.loads((out / "manifest.json").read_text())
+    op = {"4": "WKV4", "7": "WKV7"}.get(version, "WKV5")  # v5.x and v6 share one operator
+    for graph in ("model.onnx", "prefill.onnx"):
+        assert rwkv_nodes(out / graph) == [op] * m["n_layer"]
+        assert not rwkv_nodes(fused(version, wkv="portable") / graph)
+    assert m["wkv"] == "fused" and m["custom_op_library"]["path"] == "librwkv_ops.so"
+    assert (out / "librwkv_ops.so").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fused_matches_reference_and_portable(fused, version, precision):
+    report = verify(fused(version, precision), steps=64, batch=4)
+    bound = 1e-5 if precision == "fp32" else 2e-2
+    for mode in (report.free_running, report.teacher_forced):
+        assert mode.summary()["normalised"] <= bound and mode.summary()["top1"] >= 0.99, report.table()
+    a, b = open_session(fused(version, precision)), open_session(fused(version, precision, "portable"))
+    tokens = np.random.default_rng(3).integers(0, 97, (2, 30))
+    la, _ = a.prefill(tokens, a.init_state(2))
+    lb, _ = b.prefill(tokens, b.init_state(2))
+    assert normalised(la, lb) <= bound
+
+
+def single_node_model(op, inputs):
+    """A graph holding one rwkv node, inputs of any shape (to feed it wrong ones)."""
+    from rwkv_deploy.custom_ops.torch_ops import SIGNATURES
+
+    ins, outs = SIGNATURES[op]
+    node = onnx.helper.make_node(op, ins, outs, domain="rwkv")
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ins],
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outs])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
+                                                       onnx.helper.make_opsetid("rwkv", 1)])
+
+
+@pytest.mark.parametrize("op,feeds,message", [
+    ("WKV5", dict(r=(2, 3, 4, 8), k=(2, 3, 4, 8), v=(2, 3, 4, 8), w=(2, 3, 4, 8), u=(4, 8), S=(2, 4, 8, 7)),
+     "input S has shape [2, 4, 8, 7], expected [2, 4, 8, 8]"),
+    ("WKV5", dict(r=(2, 3, 4, 8), k=(2, 3, 4, 8), v=(2, 9, 4, 8), w=(2, 3, 4, 8), u=(4, 8), S=(2, 4, 8, 8)),
+     "input v has shape [2, 9, 4, 8]"),
+    ("WKV7", dict(r=(1, 2, 8), w=(1, 2, 8), k=(1, 2, 8), v=(1, 2, 8), a=(1, 2, 8), b=(1, 2, 8), S=(1, 8, 8)),
+     "input r must be [B, T, H, N]"),
+    ("WKV4", dict(w=(5,), u=(6,), k=(1, 2, 6), v=(1, 2, 6), aa=(1, 6), bb=(1, 6), pp=(1, 6)),
+     "input w has shape [5], expected [6]"),
+])
+def test_wrong_shapes_are_an_ort_error_not_a_crash(fused, tmp_path, op, feeds, message):
+    lib = fused("7") / "librwkv_ops.so"
+    path = tmp_path / "one.onnx"
+    onnx.save(single_node_model(op, feeds), str(path))
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(lib))
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
+        sess.run(None, {n: np.zeros(s, np.float32) for n, s in feeds.items()})
+
+
+def test_missing_library_is_a_clear_error(fused, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(fused("6"), out)
+    (out / "librwkv_ops.so").unlink()
+    with pytest.raises(RWKVDeployError, match="custom-op library .* is missing; rebuild it with `rwkv-deploy build-ops`"):
+        open_session(out)
+    r = run_cli("verify", out)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "build-ops" in r.stderr
+
+
+def test_incompatible_library_is_a_clear_error(fused, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(fused("6"), out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["custom_op_library"]["rwkv_deploy_version"] = "0.0.1"
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(RWKVDeployError, match="was built by rwkv-deploy .* expects 0.0.1"):
+        open_session(out)
+    (out / "librwkv_ops.so").unlink()  # a new file: the old one is still mapped into this process
+    (out / "librwkv_ops.so").write_bytes(b"not a library")
+    with pytest.raises(RWKVDeployError, match="not an rwkv-deploy custom-op library"):
+        open_session(out)
+
+
+def test_build_ops_command():
+    r = run_cli("build-ops")
+    assert r.returncode == 0 and r.stdout.strip().endswith("librwkv_ops.so")
