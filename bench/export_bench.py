@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import add_model_args, write_checkpoint
+
 CHILD = """
 import json, sys, time, resource
 from rwkv_deploy import export
@@ -27,26 +29,15 @@ print(json.dumps({"seconds": time.time() - t}))
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--version", default="7")
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--embd", type=int, default=768)
-    ap.add_argument("--head-size", type=int, default=64)
-    ap.add_argument("--vocab", type=int, default=50277)
+    add_model_args(ap)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--dir", help="working folder (default: a temporary one, removed)")
     a = ap.parse_args()
 
-    import torch
-
-    from rwkv_deploy.models.synthetic import make_checkpoint, save_checkpoint
-
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         ckpt = Path(tmp) / "model.pth"
         t = time.time()
-        sd = make_checkpoint(a.version, a.layers, a.embd, a.head_size, a.vocab, dtype=torch.bfloat16)
-        n_params = sum(v.numel() for v in sd.values())
-        save_checkpoint(sd, ckpt)
-        del sd
+        n_params = write_checkpoint(a, ckpt)
         print(f"checkpoint: RWKV-{a.version} {a.layers}x{a.embd} vocab {a.vocab}, {n_params / 1e6:.0f}M params, "
               f"bf16 {ckpt.stat().st_size / 1e9:.2f} GB (made in {time.time() - t:.0f}s)")
         out = Path(tmp) / "export"

@@ -167,3 +167,12 @@ def test_session_rejects_bad_tokens_and_state(exports):
         sess.step(np.array([1, 2]), [st[0].astype(np.float64), *st[1:]])
     with pytest.raises(RWKVDeployError, match="state has 5 tensors"):
         sess.step(np.array([1, 2]), st[:5])
+
+
+@pytest.mark.parametrize("version", ["4", "5.2", "6"])
+def test_fp16_rescales_the_residual_of_deep_models(make_ckpt, tmp_path, version):
+    """With 7 layers the fp16 export halves the residual after layer 6 (spec §8.1) and still matches fp32."""
+    out = export(make_ckpt(version, n_layer=7), tmp_path / "o", precision="fp16")
+    assert json.loads((out / "manifest.json").read_text())["rescale_every"] == 6
+    report = verify(out, steps=64, batch=4)
+    assert report and report.free_running.summary()["normalised"] <= 2e-2, report.table()

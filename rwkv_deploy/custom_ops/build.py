@@ -76,14 +76,19 @@ def build_library(force: bool = False, ort_include: str | Path | None = None) ->
     if cxx is None:
         raise RWKVDeployError("building the custom-op library needs a C++17 compiler (g++); install one")
     include = Path(ort_include) if ort_include else fetch_headers()
+    return _compile([cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}",
+                     f'-DRWKV_DEPLOY_VERSION="{__version__}"', str(SOURCE)], lib)
+
+
+def _compile(cmd: list[str], lib: Path) -> Path:
+    """Run a compiler command (`-o` appended) into a temporary name, then rename: no half-built library."""
     lib.parent.mkdir(parents=True, exist_ok=True)
     tmp = lib.with_suffix(f".tmp{os.getpid()}")
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}",
-           f'-DRWKV_DEPLOY_VERSION="{__version__}"', str(SOURCE), "-o", str(tmp)]
-    log.info("compiling %s", SOURCE.name)
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    log.info("compiling %s", cmd[-1])
+    r = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True)
     if r.returncode != 0:
-        raise RWKVDeployError(f"compiling {SOURCE.name} failed:\n{r.stderr[-2000:]}")
+        tmp.unlink(missing_ok=True)
+        raise RWKVDeployError(f"{Path(cmd[0]).name} failed on {Path(cmd[-1]).name}:\n{r.stderr[-2000:]}")
     os.replace(tmp, lib)
     return lib
 
@@ -94,3 +99,23 @@ def library_version(path: Path) -> str:
     if not found:
         raise RWKVDeployError(f"{path} is not an rwkv-deploy custom-op library; rebuild it with `rwkv-deploy build-ops`")
     return found.group(1).decode()
+
+
+CUDA_SOURCE = Path(__file__).parent / "cuda" / "wkv_kernels.cu"
+CUDA_LIB_NAME = "librwkv_cuda.so"
+CUDA_ARCHS = ("75", "80", "86", "89", "90")  # Turing .. Hopper; PTX for the newest, JIT-compiled beyond
+
+
+def build_cuda_library(force: bool = False) -> Path:
+    """Compile the CUDA kernels (cuda/wkv_kernels.cu) with nvcc into a shared library; returns its path."""
+    digest = hashlib.sha256(CUDA_SOURCE.read_bytes() + __version__.encode()).hexdigest()[:12]
+    lib = cache_dir() / "ops" / f"{__version__}-{digest}" / CUDA_LIB_NAME
+    if lib.exists() and not force:
+        return lib
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise RWKVDeployError("building the CUDA kernels needs nvcc (the CUDA toolkit); it is not on PATH")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+    gencode.append(f"-gencode=arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}")
+    return _compile([nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", *gencode,
+                     str(CUDA_SOURCE)], lib)
