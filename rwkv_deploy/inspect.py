@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .models import load_checkpoint
-from .models.model import state_kinds, state_table
+from .models.model import state_table
 
 
 def inspect_checkpoint(path: str | Path) -> dict:

@@ -2,10 +2,8 @@
 import json
 import shutil
 
-import numpy as np
 import onnx
 import pytest
-import torch
 from conftest import run_cli
 from onnx import numpy_helper
 

@@ -4,7 +4,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 from conftest import VERSIONS, normalised
 
 from rwkv_deploy import export, open_session

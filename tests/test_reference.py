@@ -1,5 +1,4 @@
 """Internal consistency of the reference: sequence form = single steps, batch rows independent, fp32 ~ fp64."""
-import numpy as np
 import pytest
 import torch
 from conftest import VERSIONS, normalised, random_tokens

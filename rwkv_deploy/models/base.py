@@ -12,6 +12,7 @@ Shapes = dict[str, tuple[int, ...]]  # key suffix after `blocks.{i}.` -> canonic
 class Version:
     name: str = ""
     rescalable: bool = True  # halving the residual stream for fp16 (spec §8.1); v7 has none
+    ln0_in_storage_dtype: bool = True  # [PKG] folds ln0 before upcasting for v4-v6, in fp32 for v7 (spec §8.4)
     fp32_keys: frozenset[str] = frozenset()  # prepared keys that stay fp32 in an fp16 model (spec §8.2)
 
     def read_dims(self, sd: dict[str, Tensor], d: Dims) -> None:

@@ -40,7 +40,8 @@ class StateTensor:
 def state_kinds(d: Dims) -> list[StateKind]:
     """Per layer, in [PKG] order: att_x, the version's WKV state, ffn_x (token-shift vectors are activations)."""
     shift = (d.n_embd,)
-    return [StateKind("att_x", shift, fp32=False), *VERSIONS[d.version].wkv_state(d), StateKind("ffn_x", shift, fp32=False)]
+    return [StateKind("att_x", shift, fp32=False), *VERSIONS[d.version].wkv_state(d),
+            StateKind("ffn_x", shift, fp32=False)]
 
 
 def state_table(d: Dims, dtype: torch.dtype = torch.float32) -> list[StateTensor]:
@@ -78,7 +79,7 @@ class RWKV(nn.Module):
         emb, ln0w, ln0b = w["emb.weight"], w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"]
         # ln0 is folded into the table (spec §1). v4-v6: in the storage dtype, then upcast, as the official
         # package does even for fp32 strategies; v7: in float32, as RWKV_x070 does (spec §8.4).
-        fold = emb.dtype if V.rescalable else work
+        fold = emb.dtype if V.ln0_in_storage_dtype else work
         emb = F.layer_norm(emb.to(fold), (d.n_embd,), ln0w.to(fold), ln0b.to(fold), 1e-5)
         self.register_buffer("emb", emb.to(dtype))  # [V, C]
         blocks = []

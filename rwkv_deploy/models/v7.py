@@ -17,6 +17,7 @@ DECAY_SCALE = math.exp(-0.5)  # decay = exp(-e^-0.5 * sigmoid(w)): soft-clamps l
 class V7(Version):
     name = "7"
     rescalable = False
+    ln0_in_storage_dtype = False
     fp32_keys = frozenset({"att.w0", "att.ln_x.weight", "att.ln_x.bias"})
 
     def read_dims(self, sd, d):
