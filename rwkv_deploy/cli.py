@@ -48,7 +48,7 @@ def _run(a):
 def _build_ops(a):
     from .custom_ops.build import build_library
 
-    print(build_library(force=a.force, ort_include=a.ort_include))
+    print(build_library(force=a.force, ort_include=a.ort_include, cuda=a.cuda))
 
 
 def _demo(a):
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build-ops", help="build the ONNX Runtime custom-op library (fused WKV) and print its path")
     s.add_argument("--force", action="store_true", help="rebuild even if it is built")
     s.add_argument("--ort-include", help="ONNX Runtime headers (default: fetched with npm)")
+    s.add_argument("--cuda", action="store_true",
+                   help="also CUDA-provider kernels (needs nvcc): librwkv_ops_cuda.so, for onnxruntime-gpu")
     s.set_defaults(fn=_build_ops)
 
     s = sub.add_parser("demo", help="make, export, verify and run a small model: no files needed")

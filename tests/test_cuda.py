@@ -25,6 +25,37 @@ def test_kernels_compile_and_export_their_launchers(cuda_lib):
         assert name in symbols
 
 
+@needs_nvcc
+def test_onnxruntime_cuda_provider_library_compiles():
+    """The CUDA-provider build of the op library compiles and keeps the CPU kernels; running it needs
+    onnxruntime-gpu and a GPU, which no machine here has."""
+    from rwkv_deploy.custom_ops.build import build_library, library_version
+
+    lib = build_library(cuda=True)
+    data = lib.read_bytes()
+    assert b"RegisterCustomOps" in data and b"rwkv_wkv5_cuda" in data and library_version(lib)
+
+
+@needs_nvcc
+def test_cuda_provider_library_still_runs_on_the_cpu(make_ckpt, tmp_path):
+    """Registered in CPU-only onnxruntime, the combined library's CPU kernels run a fused export."""
+    import numpy as np
+
+    from rwkv_deploy import export, open_session
+    from rwkv_deploy.custom_ops.build import build_library
+
+    out = export(make_ckpt("7"), tmp_path / "o", wkv="fused")
+    cpu = open_session(out)
+    other = tmp_path / "with-cuda"  # another path: the process already holds out/librwkv_ops.so
+    shutil.copytree(out, other)
+    (other / "librwkv_ops.so").unlink()
+    shutil.copyfile(build_library(cuda=True), other / "librwkv_ops.so")
+    both = open_session(other, providers=["CPUExecutionProvider"])
+    tokens = np.array([3, 5])
+    np.testing.assert_allclose(both.step(tokens, both.init_state(2))[0], cpu.step(tokens, cpu.init_state(2))[0],
+                               rtol=1e-6, atol=1e-6)
+
+
 def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 

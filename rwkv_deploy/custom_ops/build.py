@@ -26,6 +26,10 @@ HEADERS_NPM = "com.github.asus4.onnxruntime@0.4.9"
 HEADERS_IN_TARBALL = "package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64/onnxruntime.framework/Headers/"
 NEEDED = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_lite_custom_op.h")
 LIB_NAME = "librwkv_ops.so"
+CUDA_OPS_LIB_NAME = "librwkv_ops_cuda.so"
+CUDA_SOURCE = Path(__file__).parent / "cuda" / "wkv_kernels.cu"
+CUDA_LIB_NAME = "librwkv_cuda.so"
+CUDA_ARCHS = ("75", "80", "86", "89", "90")
 
 
 def cache_dir() -> Path:
@@ -33,10 +37,11 @@ def cache_dir() -> Path:
     return Path(root) / "rwkv-deploy"
 
 
-def library_path() -> Path:
+def library_path(cuda: bool = False) -> Path:
     """Where the library for this source and version lives (built or not)."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + __version__.encode()).hexdigest()[:12]
-    return cache_dir() / "ops" / f"{__version__}-{digest}" / LIB_NAME
+    sources = SOURCE.read_bytes() + (CUDA_SOURCE.read_bytes() if cuda else b"")
+    digest = hashlib.sha256(sources + __version__.encode()).hexdigest()[:12]
+    return cache_dir() / "ops" / f"{__version__}-{digest}" / (CUDA_OPS_LIB_NAME if cuda else LIB_NAME)
 
 
 def fetch_headers() -> Path:
@@ -67,17 +72,24 @@ def fetch_headers() -> Path:
     return dest
 
 
-def build_library(force: bool = False, ort_include: str | Path | None = None) -> Path:
-    """Compile (if needed) and return the path of librwkv_ops.so."""
-    lib = library_path()
+def build_library(force: bool = False, ort_include: str | Path | None = None, cuda: bool = False) -> Path:
+    """Compile (if needed) and return the path of librwkv_ops.so (CPU kernels).
+
+    cuda=True builds librwkv_ops_cuda.so with nvcc: the CPU kernels plus CUDA-provider kernels of the same ops.
+    """
+    lib = library_path(cuda)
     if lib.exists() and not force:
         return lib
+    include = Path(ort_include) if ort_include else fetch_headers()
+    flags = [f"-I{include}", f'-DRWKV_DEPLOY_VERSION="{__version__}"']
+    if cuda:
+        return _compile([_nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler",
+                         "-fvisibility=hidden", "-DRWKV_WITH_CUDA", *_gencode(), *flags, str(CUDA_SOURCE),
+                         str(SOURCE)], lib)
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
         raise RWKVDeployError("building the custom-op library needs a C++17 compiler (g++); install one")
-    include = Path(ort_include) if ort_include else fetch_headers()
-    return _compile([cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}",
-                     f'-DRWKV_DEPLOY_VERSION="{__version__}"', str(SOURCE)], lib)
+    return _compile([cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", *flags, str(SOURCE)], lib)
 
 
 def _compile(cmd: list[str], lib: Path) -> Path:
@@ -101,21 +113,24 @@ def library_version(path: Path) -> str:
     return found.group(1).decode()
 
 
-CUDA_SOURCE = Path(__file__).parent / "cuda" / "wkv_kernels.cu"
-CUDA_LIB_NAME = "librwkv_cuda.so"
-CUDA_ARCHS = ("75", "80", "86", "89", "90")  # Turing .. Hopper; PTX for the newest, JIT-compiled beyond
-
-
 def build_cuda_library(force: bool = False) -> Path:
-    """Compile the CUDA kernels (cuda/wkv_kernels.cu) with nvcc into a shared library; returns its path."""
+    """The CUDA kernels alone (cuda/wkv_kernels.cu, C launchers) as a shared library, for tests and a TRT plugin."""
     digest = hashlib.sha256(CUDA_SOURCE.read_bytes() + __version__.encode()).hexdigest()[:12]
     lib = cache_dir() / "ops" / f"{__version__}-{digest}" / CUDA_LIB_NAME
     if lib.exists() and not force:
         return lib
+    return _compile([_nvcc(), "-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+                     *_gencode(), str(CUDA_SOURCE)], lib)
+
+
+def _nvcc() -> str:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise RWKVDeployError("building the CUDA kernels needs nvcc (the CUDA toolkit); it is not on PATH")
+    return nvcc
+
+
+def _gencode() -> list[str]:
+    """Turing .. Hopper as machine code, and PTX of the newest so later GPUs can JIT it."""
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
-    gencode.append(f"-gencode=arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}")
-    return _compile([nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", *gencode,
-                     str(CUDA_SOURCE)], lib)
+    return [*gencode, f"-gencode=arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}"]

@@ -51,19 +51,53 @@ void ParallelFor(OrtKernelContext* ctx, size_t total, Fn& fn) {
       [](void* data, size_t i) { (*static_cast<Fn*>(data))(i); }, total, 0, &fn);
 }
 
-// ---- RWKV-4: the stable "pp" form, one recurrence per (batch row, channel) ----
-Ort::Status WKV4(OrtKernelContext* ctx, const Tensor<float>& w, const Tensor<float>& u, const Tensor<float>& k,
-                 const Tensor<float>& v, const Tensor<float>& aa, const Tensor<float>& bb, const Tensor<float>& pp,
-                 Tensor<float>& y, Tensor<float>& aa_out, Tensor<float>& bb_out, Tensor<float>& pp_out) {
+// ---- shape checks, shared by the CPU and CUDA kernels ----
+Ort::Status Check4(const Tensor<float>& w, const Tensor<float>& u, const Tensor<float>& k, const Tensor<float>& v,
+                   const Tensor<float>& aa, const Tensor<float>& bb, const Tensor<float>& pp, int64_t& B, int64_t& T,
+                   int64_t& A) {
   const Shape ks = k.Shape();
   if (ks.size() != 3) return Invalid("rwkv::WKV4: input k must be [B, T, A], got " + Str(ks));
-  const int64_t B = ks[0], T = ks[1], A = ks[2];
+  B = ks[0], T = ks[1], A = ks[2];
   RETURN_IF_ERROR(Expect("WKV4", "w", w.Shape(), {A}));
   RETURN_IF_ERROR(Expect("WKV4", "u", u.Shape(), {A}));
   RETURN_IF_ERROR(Expect("WKV4", "v", v.Shape(), {B, T, A}));
   RETURN_IF_ERROR(Expect("WKV4", "aa", aa.Shape(), {B, A}));
   RETURN_IF_ERROR(Expect("WKV4", "bb", bb.Shape(), {B, A}));
-  RETURN_IF_ERROR(Expect("WKV4", "pp", pp.Shape(), {B, A}));
+  return Expect("WKV4", "pp", pp.Shape(), {B, A});
+}
+
+// n_seq inputs of [B, T, H, N] and S [B, H, N, N].
+Ort::Status HeadShapes(const char* op, const std::vector<const Tensor<float>*>& seq, const char* const* names,
+                       const Tensor<float>& S, int64_t& B, int64_t& T, int64_t& H, int64_t& N) {
+  const Shape s0 = seq[0]->Shape();
+  if (s0.size() != 4) {
+    return Invalid(std::string("rwkv::") + op + ": input " + names[0] + " must be [B, T, H, N], got " + Str(s0));
+  }
+  B = s0[0], T = s0[1], H = s0[2], N = s0[3];
+  for (size_t i = 1; i < seq.size(); ++i) RETURN_IF_ERROR(Expect(op, names[i], seq[i]->Shape(), {B, T, H, N}));
+  return Expect(op, "S", S.Shape(), {B, H, N, N});
+}
+
+Ort::Status Check5(const Tensor<float>& r, const Tensor<float>& k, const Tensor<float>& v, const Tensor<float>& w,
+                   const Tensor<float>& u, const Tensor<float>& S, int64_t& B, int64_t& T, int64_t& H, int64_t& N) {
+  static const char* names[] = {"r", "k", "v", "w"};
+  RETURN_IF_ERROR(HeadShapes("WKV5", {&r, &k, &v, &w}, names, S, B, T, H, N));
+  return Expect("WKV5", "u", u.Shape(), {H, N});
+}
+
+Ort::Status Check7(const Tensor<float>& r, const Tensor<float>& w, const Tensor<float>& k, const Tensor<float>& v,
+                   const Tensor<float>& a, const Tensor<float>& b, const Tensor<float>& S, int64_t& B, int64_t& T,
+                   int64_t& H, int64_t& N) {
+  static const char* names[] = {"r", "w", "k", "v", "a", "b"};
+  return HeadShapes("WKV7", {&r, &w, &k, &v, &a, &b}, names, S, B, T, H, N);
+}
+
+// ---- RWKV-4: the stable "pp" form, one recurrence per (batch row, channel) ----
+Ort::Status WKV4(OrtKernelContext* ctx, const Tensor<float>& w, const Tensor<float>& u, const Tensor<float>& k,
+                 const Tensor<float>& v, const Tensor<float>& aa, const Tensor<float>& bb, const Tensor<float>& pp,
+                 Tensor<float>& y, Tensor<float>& aa_out, Tensor<float>& bb_out, Tensor<float>& pp_out) {
+  int64_t B, T, A;
+  RETURN_IF_ERROR(Check4(w, u, k, v, aa, bb, pp, B, T, A));
   const float *W = w.Data(), *U = u.Data(), *K = k.Data(), *V = v.Data();
   const float *AA = aa.Data(), *BB = bb.Data(), *PP = pp.Data();
   float* Y = y.Allocate({B, T, A});
@@ -99,24 +133,12 @@ Ort::Status WKV4(OrtKernelContext* ctx, const Tensor<float>& w, const Tensor<flo
   return Ort::Status{nullptr};
 }
 
-// Shared shape checks of WKV5/WKV7: n_seq inputs of [B, T, H, N] and S [B, H, N, N].
-Ort::Status HeadShapes(const char* op, const std::vector<const Tensor<float>*>& seq, const char* const* names,
-                       const Tensor<float>& S, int64_t& B, int64_t& T, int64_t& H, int64_t& N) {
-  const Shape s0 = seq[0]->Shape();
-  if (s0.size() != 4) return Invalid(std::string("rwkv::") + op + ": input " + names[0] + " must be [B, T, H, N], got " + Str(s0));
-  B = s0[0], T = s0[1], H = s0[2], N = s0[3];
-  for (size_t i = 1; i < seq.size(); ++i) RETURN_IF_ERROR(Expect(op, names[i], seq[i]->Shape(), {B, T, H, N}));
-  return Expect(op, "S", S.Shape(), {B, H, N, N});
-}
-
 // ---- RWKV-5.x / 6: S[i=key][j=value]; the output reads the old state ----
 Ort::Status WKV5(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<float>& k, const Tensor<float>& v,
                  const Tensor<float>& w, const Tensor<float>& u, const Tensor<float>& S, Tensor<float>& y,
                  Tensor<float>& S_out) {
-  static const char* names[] = {"r", "k", "v", "w"};
   int64_t B, T, H, N;
-  RETURN_IF_ERROR(HeadShapes("WKV5", {&r, &k, &v, &w}, names, S, B, T, H, N));
-  RETURN_IF_ERROR(Expect("WKV5", "u", u.Shape(), {H, N}));
+  RETURN_IF_ERROR(Check5(r, k, v, w, u, S, B, T, H, N));
   const float *R = r.Data(), *K = k.Data(), *V = v.Data(), *W = w.Data(), *U = u.Data();
   float* Y = y.Allocate({B, T, H, N});
   float* SO = S_out.Allocate({B, H, N, N});
@@ -147,9 +169,8 @@ Ort::Status WKV5(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
 Ort::Status WKV7(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<float>& w, const Tensor<float>& k,
                  const Tensor<float>& v, const Tensor<float>& a, const Tensor<float>& bvec, const Tensor<float>& S,
                  Tensor<float>& y, Tensor<float>& S_out) {
-  static const char* names[] = {"r", "w", "k", "v", "a", "b"};
   int64_t B, T, H, N;
-  RETURN_IF_ERROR(HeadShapes("WKV7", {&r, &w, &k, &v, &a, &bvec}, names, S, B, T, H, N));
+  RETURN_IF_ERROR(Check7(r, w, k, v, a, bvec, S, B, T, H, N));
   const float *R = r.Data(), *W = w.Data(), *K = k.Data(), *V = v.Data(), *Av = a.Data(), *Bv = bvec.Data();
   float* Y = y.Allocate({B, T, H, N});
   float* SO = S_out.Allocate({B, H, N, N});
@@ -178,6 +199,61 @@ Ort::Status WKV7(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
   return Ort::Status{nullptr};
 }
 
+#ifdef RWKV_WITH_CUDA
+// ---- the same operators for ONNX Runtime's CUDA execution provider: kernels in cuda/wkv_kernels.cu ----
+// Written to ONNX Runtime's documented custom-op API; built by `rwkv-deploy build-ops --cuda`. It has been
+// compiled here, never run: no onnxruntime-gpu was available where it was written.
+}  // namespace
+extern "C" {
+int rwkv_wkv4_cuda(int B, int T, int A, const float* w, const float* u, const float* k, const float* v,
+                   const float* aa, const float* bb, const float* pp, float* y, float* aa_out, float* bb_out,
+                   float* pp_out, void* stream);
+int rwkv_wkv5_cuda(int B, int T, int H, int N, const float* r, const float* k, const float* v, const float* w,
+                   const float* u, const float* S, float* y, float* S_out, void* stream);
+int rwkv_wkv7_cuda(int B, int T, int H, int N, const float* r, const float* w, const float* k, const float* v,
+                   const float* a, const float* b, const float* S, float* y, float* S_out, void* stream);
+}
+namespace {
+
+Ort::Status Launched(const char* op, int rc) {
+  if (rc == 0) return Ort::Status{nullptr};
+  return Ort::Status((std::string("rwkv::") + op + ": CUDA launch failed with error " + std::to_string(rc) +
+                      " (head sizes 16/32/64/128 are built)").c_str(), ORT_EP_FAIL);
+}
+
+void* Stream(OrtKernelContext* ctx) { return Ort::KernelContext(ctx).GetGPUComputeStream(); }
+
+Ort::Status WKV4Cuda(OrtKernelContext* ctx, const Tensor<float>& w, const Tensor<float>& u, const Tensor<float>& k,
+                     const Tensor<float>& v, const Tensor<float>& aa, const Tensor<float>& bb,
+                     const Tensor<float>& pp, Tensor<float>& y, Tensor<float>& aa_out, Tensor<float>& bb_out,
+                     Tensor<float>& pp_out) {
+  int64_t B, T, A;
+  RETURN_IF_ERROR(Check4(w, u, k, v, aa, bb, pp, B, T, A));
+  return Launched("WKV4", rwkv_wkv4_cuda(B, T, A, w.Data(), u.Data(), k.Data(), v.Data(), aa.Data(), bb.Data(),
+                                         pp.Data(), y.Allocate({B, T, A}), aa_out.Allocate({B, A}),
+                                         bb_out.Allocate({B, A}), pp_out.Allocate({B, A}), Stream(ctx)));
+}
+
+Ort::Status WKV5Cuda(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<float>& k, const Tensor<float>& v,
+                     const Tensor<float>& w, const Tensor<float>& u, const Tensor<float>& S, Tensor<float>& y,
+                     Tensor<float>& S_out) {
+  int64_t B, T, H, N;
+  RETURN_IF_ERROR(Check5(r, k, v, w, u, S, B, T, H, N));
+  return Launched("WKV5", rwkv_wkv5_cuda(B, T, H, N, r.Data(), k.Data(), v.Data(), w.Data(), u.Data(), S.Data(),
+                                         y.Allocate({B, T, H, N}), S_out.Allocate({B, H, N, N}), Stream(ctx)));
+}
+
+Ort::Status WKV7Cuda(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<float>& w, const Tensor<float>& k,
+                     const Tensor<float>& v, const Tensor<float>& a, const Tensor<float>& b, const Tensor<float>& S,
+                     Tensor<float>& y, Tensor<float>& S_out) {
+  int64_t B, T, H, N;
+  RETURN_IF_ERROR(Check7(r, w, k, v, a, b, S, B, T, H, N));
+  return Launched("WKV7", rwkv_wkv7_cuda(B, T, H, N, r.Data(), w.Data(), k.Data(), v.Data(), a.Data(), b.Data(),
+                                         S.Data(), y.Allocate({B, T, H, N}), S_out.Allocate({B, H, N, N}),
+                                         Stream(ctx)));
+}
+#endif  // RWKV_WITH_CUDA
+
 // Ops and domain live as long as the process: every session registered with them keeps pointers to them.
 std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>> g_kernels;
 Ort::CustomOpDomain* g_domain = nullptr;
@@ -187,6 +263,11 @@ void MakeDomain() {
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV4", "CPUExecutionProvider", WKV4));
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV5", "CPUExecutionProvider", WKV5));
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV7", "CPUExecutionProvider", WKV7));
+#ifdef RWKV_WITH_CUDA
+  g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV4", "CUDAExecutionProvider", WKV4Cuda));
+  g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV5", "CUDAExecutionProvider", WKV5Cuda));
+  g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV7", "CUDAExecutionProvider", WKV7Cuda));
+#endif
   g_domain = new Ort::CustomOpDomain("rwkv");
   for (auto& k : g_kernels) g_domain->Add(k.get());
 }

@@ -117,7 +117,8 @@ __global__ void wkv7_kernel(int T, int H, const float* __restrict__ r, const flo
 
 RWKV_CUDA_EXPORT int rwkv_wkv4_cuda(int B, int T, int A, const float* w, const float* u, const float* k,
                                     const float* v, const float* aa, const float* bb, const float* pp, float* y,
-                                    float* aa_out, float* bb_out, float* pp_out, cudaStream_t stream) {
+                                    float* aa_out, float* bb_out, float* pp_out, void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const int threads = 128, blocks = (B * A + threads - 1) / threads;
   wkv4_kernel<<<blocks, threads, 0, stream>>>(B, T, A, w, u, k, v, aa, bb, pp, y, aa_out, bb_out, pp_out);
   return (int)cudaGetLastError();
@@ -127,7 +128,8 @@ RWKV_CUDA_EXPORT int rwkv_wkv4_cuda(int B, int T, int A, const float* w, const f
 
 RWKV_CUDA_EXPORT int rwkv_wkv5_cuda(int B, int T, int H, int N, const float* r, const float* k, const float* v,
                                     const float* w, const float* u, const float* S, float* y, float* S_out,
-                                    cudaStream_t stream) {
+                                    void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   switch (N) {
 #define CASE(n) \
   case n: wkv5_kernel<n><<<B * H, n, 0, stream>>>(T, H, r, k, v, w, u, S, y, S_out); break;
@@ -140,7 +142,8 @@ RWKV_CUDA_EXPORT int rwkv_wkv5_cuda(int B, int T, int H, int N, const float* r, 
 
 RWKV_CUDA_EXPORT int rwkv_wkv7_cuda(int B, int T, int H, int N, const float* r, const float* w, const float* k,
                                     const float* v, const float* a, const float* b, const float* S, float* y,
-                                    float* S_out, cudaStream_t stream) {
+                                    float* S_out, void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   switch (N) {
 #define CASE(n) \
   case n: wkv7_kernel<n><<<B * H, n, 0, stream>>>(T, H, r, w, k, v, a, b, S, y, S_out); break;
