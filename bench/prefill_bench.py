@@ -63,7 +63,7 @@ def main() -> None:
         write_checkpoint(a, ckpt)
         tokens = np.random.default_rng(0).integers(0, a.vocab, (1, a.tokens))
         for wkv in ("portable", "fused"):
-            out = export(ckpt, Path(tmp) / wkv, wkv=wkv, prefill=True)
+            out = export(ckpt, Path(tmp) / wkv, wkv=wkv, prefill="last")
             s = open_session(out)
             pre = a.tokens / timed(lambda: s.prefill(tokens, s.init_state(1)), a.reps)
             _, state = s.prefill(tokens[:, :1], s.init_state(1))

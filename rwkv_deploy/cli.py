@@ -27,7 +27,8 @@ def _export(a):
 def _verify(a):
     from .validation.compare import verify
 
-    report = verify(a.folder, checkpoint=a.checkpoint, steps=a.steps, batch=a.batch, seed=a.seed, json_path=a.json)
+    report = verify(a.folder, checkpoint=a.checkpoint, steps=a.steps, batch=a.batch, seed=a.seed, json_path=a.json,
+                    floor=a.float64)
     print(report.table())
     if not report:
         raise VerificationFailed("; ".join(report.failures()))
@@ -76,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--external-data", action="store_true",
                    help="weights in model.onnx.data (automatic above 1.8 GB)")
     s.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
-    s.add_argument("--prefill", action="store_true", help="also write prefill.onnx: a whole prompt in one call")
+    s.add_argument("--prefill", nargs="?", const="last", choices=["last", "all"],
+                   help="also write prefill.onnx: a whole prompt in one call, returning the logits of the last "
+                        "position (default) or of all positions")
     s.add_argument("--wkv", default="portable",
                    help="portable (standard ONNX ops, default) or fused (one rwkv::WKV node per layer; needs the "
                         "custom-op library, built on first use)")
@@ -91,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--seed", type=int, default=0, help="seed of the random token stream")
     s.add_argument("--json", help="also write the report here (OUT/verify.json is always written)")
+    s.add_argument("--float64", action="store_true",
+                   help="also run a float64 reference and report how far fp32 itself is from it (the floor)")
     s.set_defaults(fn=_verify)
 
     s = sub.add_parser("run", help="generate text with an export folder")

@@ -28,7 +28,7 @@ def demo(folder: str | Path = "rwkv-deploy-demo", steps: int = 64, max_tokens: i
     echo(f"1. made {ckpt.name}: RWKV-{DEMO['version']}, {DEMO['n_layer']} layers x {DEMO['n_embd']}, World vocabulary, "
          f"random weights ({time.time() - t:.1f}s)")
     t = time.time()
-    out = export(ckpt, folder / "export", force=True, prefill=True)
+    out = export(ckpt, folder / "export", force=True, prefill="last")
     echo(f"2. exported to {out} ({time.time() - t:.1f}s): model.onnx, prefill.onnx, manifest.json, tokenizer")
     sess = open_session(out)
     report = verify(out, steps=steps, session=sess)

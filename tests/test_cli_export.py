@@ -149,3 +149,11 @@ def test_demo(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "PASS" in r.stdout and "parity certified" in r.stdout
     assert json.loads((tmp_path / "demo" / "export" / "verify.json").read_text())["passed"]
+
+
+def test_verify_float64_floor(world_export):
+    r = run_cli("verify", world_export, "--steps", "16", "--float64")
+    assert r.returncode == 0, r.stderr
+    assert "float64 check: fp32 reference vs float64" in r.stdout
+    floor = json.loads((world_export / "verify.json").read_text())["floor"]
+    assert 0 < floor["reference_vs_float64"] < 1e-4 and 0 < floor["export_vs_float64"] < 1e-4

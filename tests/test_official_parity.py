@@ -16,7 +16,7 @@ def ours_stepwise(path, tokens, dtype=torch.float32):
     with torch.no_grad():
         for t in tokens:
             logits, state = m.step(torch.tensor([t]), state)
-            rows.append(logits[0].numpy())
+            rows.append(logits[0].double().numpy())
     return np.stack(rows)
 
 
@@ -41,7 +41,13 @@ def test_time_state_matches_official_package(make_ckpt, version):
 @pytest.mark.slow
 @pytest.mark.parametrize("version", [pytest.param(v, marks=pytest.mark.ci) if v in ("4", "7") else v for v in VERSIONS])
 def test_matches_official_package_long(make_ckpt, version):
+    """1000 tokens on a 4x128 model. Over this long, two float32 implementations can drift apart by more than
+    1e-5 on an ill-conditioned model (v5.0: large per-head outputs normalised by GroupNorm), so the bound is
+    1e-5 or twice the official package's own measured distance from exact (float64) math, whichever is larger."""
     path = make_ckpt(version, torch.bfloat16, n_layer=4, n_embd=128, head_size=32)
     tokens = random_tokens(1000, seed=3).tolist()
     ref = official_logits(path, version, tokens)
-    assert normalised(ours_stepwise(path, tokens), ref) <= 1e-5
+    exact = ours_stepwise(path, tokens, torch.float64)
+    official_error = normalised(ref, exact)
+    assert normalised(exact, ref) <= 5e-5  # the math agrees: only the package's rounding is left
+    assert normalised(ours_stepwise(path, tokens), ref) <= max(1e-5, 2 * official_error), official_error

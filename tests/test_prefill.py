@@ -79,3 +79,16 @@ def test_manifest_and_runtime_use_prefill(prefill_exports):
     sess.step = lambda *a: calls.append(a)  # forward() must not fall back to single steps
     sess.forward(np.zeros((1, 5), dtype=np.int64), sess.init_state(1))
     assert calls == []
+
+
+def test_prefill_all_positions(make_ckpt, tmp_path):
+    out = export(make_ckpt("6"), tmp_path / "o", prefill="all")
+    g = json.loads((out / "manifest.json").read_text())["graphs"]["prefill"]
+    assert g["positions"] == "all" and g["logits_shape"] == ["batch", "seq", 97]
+    sess = open_session(out)
+    tokens = np.random.default_rng(4).integers(0, 97, (2, 12))
+    logits, _ = sess.prefill(tokens, sess.init_state(2))
+    ref, _ = reference_steps(make_ckpt("6"), tokens)
+    assert logits.shape == (2, 12, 97) and normalised(logits.reshape(-1, 97), ref.reshape(-1, 97)) <= 1e-5
+    last, _ = sess.forward(tokens, sess.init_state(2))
+    np.testing.assert_array_equal(last, logits[:, -1])

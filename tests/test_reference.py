@@ -48,7 +48,7 @@ def test_float32_close_to_float64(make_ckpt, version):
     m32, m64 = load_model(path, "float32"), load_model(path, "float64")
     a, _ = steps(m32, tokens, m32.init_state(1))
     b, _ = steps(m64, tokens, m64.init_state(1))
-    assert b.dtype == torch.float32 and m64.init_state(1)[1].dtype == torch.float64
+    assert b.dtype == torch.float64 and m64.init_state(1)[1].dtype == torch.float64
     assert normalised(a.numpy(), b.numpy()) <= 1e-5
 
 

@@ -28,9 +28,16 @@ NP_DTYPE = {torch.float32: "float32", torch.float16: "float16"}
 
 
 def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokenizer=None,
-           external_data: bool | None = None, force: bool = False, prefill: bool = False, wkv: str = "portable",
+           external_data: bool | None = None, force: bool = False, prefill: str | bool | None = None, wkv: str = "portable",
            ort_include=None) -> Path:
-    """Export `checkpoint` to the folder `out`; returns its path. Nothing is left at `out` on failure."""
+    """Export `checkpoint` to the folder `out`; returns its path. Nothing is left at `out` on failure.
+
+    prefill: None (step graph only), "last" (prefill.onnx returns the last position's logits) or "all"
+    (every position's). True means "last".
+    """
+    prefill = "last" if prefill is True else (prefill or None)
+    if prefill not in (None, "last", "all"):
+        raise RWKVDeployError(f"unknown prefill mode {prefill!r}; expected last or all")
     if precision not in PRECISIONS:
         raise RWKVDeployError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if wkv not in WKV_MODES:
@@ -66,9 +73,12 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         if prefill:
             t1 = time.time()
             # example T = 3: the T = 1 shortcut of models/wkv.py must not be taken, so the WKV becomes a Loop
-            ext = export_graph(PrefillGraph(model), model, torch.zeros(2, 3, dtype=torch.long), tmp / "prefill.onnx",
-                               opset, external_data)
+            ext = export_graph(PrefillGraph(model, prefill == "all"), model, torch.zeros(2, 3, dtype=torch.long),
+                               tmp / "prefill.onnx", opset, external_data)
             graphs["prefill"] = _graph_entry("prefill.onnx", ext, ["batch", "seq"], d.vocab_size)
+            graphs["prefill"]["positions"] = prefill
+            if prefill == "all":
+                graphs["prefill"]["logits_shape"] = ["batch", "seq", d.vocab_size]
             log.info("[2/4] prefill graph traced and checked in %.1fs", time.time() - t1)
         state = _state_entries(model, tmp)
         op_library = None

@@ -35,22 +35,27 @@ class StepGraph(nn.Module):
 
 
 class PrefillGraph(nn.Module):
-    """forward(tokens [B, T], *state) -> (logits [B, V] of the last position, *state'): a whole prompt at once."""
+    """forward(tokens [B, T], *state) -> (logits, *state'): a whole prompt at once.
 
-    def __init__(self, model: RWKV):
+    logits are those of the last position [B, V], or with all_positions of every position [B, T, V].
+    """
+
+    def __init__(self, model: RWKV, all_positions: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.all_positions = model, all_positions
 
     def forward(self, tokens, *state):
-        logits, new = self.model(tokens, list(state), last_only=True)
-        return (logits[:, 0], *new)
+        logits, new = self.model(tokens, list(state), last_only=not self.all_positions)
+        return (logits if self.all_positions else logits[:, 0], *new)
 
 
 def export_graph(module: nn.Module, model: RWKV, tokens: torch.Tensor, path: Path, opset: int,
                  external_data: bool | None) -> bool:
     """Trace `module` with dynamic batch (and dynamic seq for 2-D tokens); returns whether external data was used."""
     ins, outs = state_io_names(model)
-    axes = {TOKENS: {0: "batch", 1: "seq"} if tokens.dim() == 2 else {0: "batch"}, LOGITS: {0: "batch"}}
+    all_positions = getattr(module, "all_positions", False)
+    axes = {TOKENS: {0: "batch", 1: "seq"} if tokens.dim() == 2 else {0: "batch"},
+            LOGITS: {0: "batch", 1: "seq"} if all_positions else {0: "batch"}}
     axes.update({n: {0: "batch"} for n in ins + outs})
     example = (tokens, *model.init_state(tokens.shape[0]))
     raw = path.parent / "raw" / path.name

@@ -115,7 +115,9 @@ class RWKV(nn.Module):
                 raise RWKVDeployError(f"{s.name}: expected {s.dtype} {[batch, *s.shape]}, got {t.dtype} {list(t.shape)}")
 
     def forward(self, tokens: Tensor, state: list[Tensor], last_only: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """tokens [B, T] int64 -> logits [B, T, V] float32 ([B, 1, V] if last_only) and the state after the last token."""
+        """tokens [B, T] int64 -> logits [B, T, V] ([B, 1, V] if last_only) and the state after the last token.
+
+        Logits are float32, or float64 for a float64 model."""
         kinds = [k.name for k in state_kinds(self.dims)]
         x = self.emb[tokens]  # [B, T, C]
         carry, new = None, []
@@ -134,7 +136,7 @@ class RWKV(nn.Module):
         if last_only:
             x = x[:, -1:]  # [B, 1, C]: a prompt needs only its last position's logits
         logits = F.linear(layer_norm(x, self.ln_out), self.head)  # [B, T, V]
-        return logits.float(), new
+        return (logits if logits.dtype == torch.float64 else logits.float()), new
 
     def step(self, tokens: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """tokens [B] int64 -> logits [B, V] float32 and the new state."""

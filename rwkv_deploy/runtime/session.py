@@ -123,7 +123,10 @@ class OnnxSession:
         return self._prefill is not None
 
     def prefill(self, tokens, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """tokens [B, T] through the prefill graph -> logits of the last position [B, V] and the state."""
+        """tokens [B, T] through the prefill graph -> logits and the state after the last token.
+
+        logits are [B, V] (last position) or [B, T, V] for exports made with `--prefill all`.
+        """
         if self._prefill is None:
             raise RWKVDeployError(f"{self.folder} has no prefill graph; re-export with --prefill")
         tokens = self.check_inputs(tokens, state, seq=True)
@@ -140,7 +143,8 @@ class OnnxSession:
         Uses the prefill graph when the export has one, else one step per token.
         """
         if self._prefill is not None:
-            return self.prefill(tokens, state)
+            logits, state = self.prefill(tokens, state)
+            return (logits[:, -1] if logits.ndim == 3 else logits), state
         tokens = self.check_inputs(tokens, state, seq=True)
         logits = None
         for t in range(tokens.shape[1]):

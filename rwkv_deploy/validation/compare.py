@@ -62,6 +62,9 @@ class Report:
     free_running: ModeResult
     teacher_forced: ModeResult
     seconds: float = 0.0
+    # with floor=True: max|Δ|/std of the float32 reference itself against float64, and of the export against
+    # float64 -- how much of the deviation fp32 arithmetic on this model allows at all
+    floor: dict | None = None
 
     def failures(self) -> list[str]:
         out = []
@@ -83,7 +86,7 @@ class Report:
     def to_json(self) -> dict:
         return {"passed": bool(self), "precision": self.precision, "backend": self.backend, "steps": self.steps,
                 "batch": self.batch, "tolerance": self.tolerance, "would_pass_at": self.would_pass_at(),
-                "failures": self.failures(), "seconds": self.seconds,
+                "failures": self.failures(), "seconds": self.seconds, "floor": self.floor,
                 "free_running": {"summary": self.free_running.summary(), "per_step": asdict(self.free_running)},
                 "teacher_forced": {"summary": self.teacher_forced.summary(), "per_step": asdict(self.teacher_forced)}}
 
@@ -93,6 +96,9 @@ class Report:
             s = mode.summary()
             rows.append(f"{name:<15} {s['max_abs']:>10.3g} {s['normalised']:>10.3g} {s['top1']:>7.1%} {s['top1_ties']:>7.1%} "
                         f"{s['top5']:>7.1%} {s['state_rel']:>10.3g}")
+        if self.floor:
+            rows.append(f"float64 check: fp32 reference vs float64 {self.floor['reference_vs_float64']:.3g}, "
+                        f"export vs float64 {self.floor['export_vs_float64']:.3g} (|Δ|/std, free-running)")
         verdict = "PASS" if self else "FAIL"
         rows.append(f"{verdict}: {self.steps} steps x batch {self.batch}, {self.precision} via {self.backend}; "
                     f"tolerance |Δ|/std <= {self.tolerance['normalised']:g}, top-1* >= {self.tolerance['top1']:.0%} "
@@ -102,8 +108,12 @@ class Report:
 
 
 def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int = 0, session=None,
-           json_path=None, write: bool = True) -> Report:
-    """Run the export and the float32 reference side by side; writes OUT/verify.json (and json_path)."""
+           json_path=None, write: bool = True, floor: bool = False) -> Report:
+    """Run the export and the float32 reference side by side; writes OUT/verify.json (and json_path).
+
+    floor=True also runs a float64 reference (twice the reference's memory) and reports how far the float32
+    reference and the export each are from it.
+    """
     from ..models import load_checkpoint
     from ..models.model import RWKV
     from ..runtime.session import open_session
@@ -121,6 +131,9 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
         raise RWKVDeployError(f"{src} is not the checkpoint this folder was exported from (sha256 "
                               f"{ckpt.sha256[:12]}… vs {m['source']['sha256'][:12]}…)")
     ref = RWKV(ckpt, torch.float32).eval()
+    ref64 = RWKV(ckpt, torch.float64).eval() if floor else None
+    s64 = ref64.init_state(batch) if floor else None
+    floor_ref = floor_exp = 0.0
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, int(m["vocab_size"]), size=(steps, batch))
     free, forced = ModeResult(), ModeResult()
@@ -136,11 +149,17 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
             free.add(o_logits, r_np, o_state, rs_np, tol)
             f_logits, f_state = sess.step(tokens[t], before)  # teacher-forced: the reference's state
             forced.add(f_logits, r_np, f_state, rs_np, tol)
+            if ref64 is not None:
+                l64, s64 = ref64.step(torch.from_numpy(tokens[t]), s64)
+                exact = l64.double().numpy()
+                floor_ref = max(floor_ref, float((np.abs(r_np - exact).max(-1) / exact.std(-1)).max()))
+                floor_exp = max(floor_exp, float((np.abs(o_logits - exact).max(-1) / exact.std(-1)).max()))
             if (t + 1) % 100 == 0:
                 log.info("verified %d/%d steps", t + 1, steps)
     precision = m["precision"]
     report = Report(precision, "onnxruntime " + "/".join(sess.providers), steps, batch,
-                    TOLERANCES.get(precision, TOLERANCES["fp16"]), free, forced, time.time() - t0)
+                    TOLERANCES.get(precision, TOLERANCES["fp16"]), free, forced, time.time() - t0,
+                    {"reference_vs_float64": floor_ref, "export_vs_float64": floor_exp} if floor else None)
     if write:
         write_json_atomic(Path(folder) / "verify.json", report.to_json())
     if json_path:
