@@ -28,8 +28,8 @@ NP_DTYPE = {torch.float32: "float32", torch.float16: "float16"}
 
 
 def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokenizer=None,
-           external_data: bool | None = None, force: bool = False, prefill: str | bool | None = None, wkv: str = "portable",
-           ort_include=None) -> Path:
+           external_data: bool | None = None, force: bool = False, prefill: str | bool | None = None,
+           wkv: str = "portable", ort_include=None) -> Path:
     """Export `checkpoint` to the folder `out`; returns its path. Nothing is left at `out` on failure.
 
     prefill: None (step graph only), "last" (prefill.onnx returns the last position's logits) or "all"
@@ -42,7 +42,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         raise RWKVDeployError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if wkv not in WKV_MODES:
         raise RWKVDeployError(f"unknown --wkv {wkv!r}; expected one of {', '.join(WKV_MODES)}")
-    if not 13 <= opset <= 23:
+    if not 17 <= opset <= 23:  # 17 brings LayerNormalization
         raise RWKVDeployError(f"opset {opset} is not supported; use 17..23 (default 18)")
     out = Path(out).absolute()
     _check_destination(out, force)
