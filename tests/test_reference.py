@@ -92,3 +92,21 @@ def test_wkv5_matches_chunked_closed_form():
     S_T = P[:, -1][..., None] * S0 + sum((P[:, -1] / P[:, s])[..., None] * k[:, s][..., None] * v[:, s][..., None, :]
                                          for s in range(T))
     assert torch.allclose(S, S_T, atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [2, 16, 17, 40])
+def test_chunked_wkv5_equals_token_loop(T):
+    """run_wkv5 takes 16-token chunks in matrix form; in float64 it must equal the token-by-token cell."""
+    from rwkv_deploy.models.wkv import run_wkv5, wkv5
+
+    B, H, N = 2, 3, 8
+    g = torch.Generator().manual_seed(T)
+    r, k, v = (torch.randn(B, T, H, N, generator=g, dtype=torch.float64) for _ in range(3))
+    w = torch.exp(-torch.exp(torch.rand(B, T, H, N, generator=g, dtype=torch.float64) * 7 - 6))  # fast and slow
+    u = torch.randn(H, N, generator=g, dtype=torch.float64)
+    S = torch.randn(B, H, N, N, generator=g, dtype=torch.float64)
+    y, S_chunked = run_wkv5(r, k, v, w, u, S)
+    for t in range(T):
+        y_t, S = wkv5(r[:, t], k[:, t], v[:, t], w[:, t], u, S)
+        assert torch.allclose(y[:, t], y_t, atol=1e-10)
+    assert torch.allclose(S_chunked, S, atol=1e-10)
