@@ -37,6 +37,24 @@ def make_ckpt(ckpt_dir):
     return make
 
 
+@pytest.fixture(scope="session")
+def exported(make_ckpt, tmp_path_factory):
+    """exported(version, precision="fp32", wkv="portable", time_state=False) -> export folder with a prefill
+    graph, made once per session. Tests that change a folder work on a copy."""
+    from rwkv_deploy import export
+
+    root, cache = tmp_path_factory.mktemp("exports"), {}
+
+    def get(version, precision="fp32", wkv="portable", time_state=False):
+        key = (version, precision, wkv, time_state)
+        if key not in cache:
+            cache[key] = export(make_ckpt(version, time_state=time_state), root / "-".join(map(str, key)),
+                                precision=precision, wkv=wkv, prefill="last")
+        return cache[key]
+
+    return get
+
+
 def normalised(ours: np.ndarray, ref: np.ndarray) -> float:
     """max over steps of max|Δlogit| / std(ref logits) (BlinkDL's metric, design.md §5)."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)

@@ -12,19 +12,9 @@ from rwkv_deploy.validation.compare import verify
 pytest.importorskip("onnxruntime", reason="onnxruntime is needed (pip install -e .[onnx])")
 
 
-@pytest.fixture(scope="module")
-def exports(make_ckpt, tmp_path_factory):
-    """(version, precision) -> export folder, made once."""
-    root, cache = tmp_path_factory.mktemp("exports"), {}
-
-    def get(version, precision="fp32", time_state=False):
-        key = (version, precision, time_state)
-        if key not in cache:
-            cache[key] = export(make_ckpt(version, time_state=time_state), root / f"{version}-{precision}-{time_state}",
-                                precision=precision)
-        return cache[key]
-
-    return get
+@pytest.fixture
+def exports(exported):
+    return lambda version, precision="fp32", time_state=False: exported(version, precision, time_state=time_state)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -110,7 +100,9 @@ def test_generic_client_with_state_tuned_init(exports):
     out = exports("6", time_state=True)
     tokens = [3, 1, 4, 1, 5]
     sess = open_session(out)
-    logits, _ = sess.forward(np.array([tokens]), sess.init_state(1))
+    state = sess.init_state(1)
+    for t in tokens:
+        logits, state = sess.step(np.array([t]), state)
     np.testing.assert_array_equal(generic_client(out, tokens)[-1], logits[0])
 
 

@@ -7,24 +7,16 @@ import onnx
 import pytest
 from conftest import VERSIONS, normalised, run_cli
 
-from rwkv_deploy import export, open_session
+from rwkv_deploy import open_session
 from rwkv_deploy.errors import RWKVDeployError
 from rwkv_deploy.validation.compare import verify
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is needed (pip install -e .[onnx])")
 
 
-@pytest.fixture(scope="module")
-def fused(make_ckpt, tmp_path_factory):
-    root, cache = tmp_path_factory.mktemp("fused"), {}
-
-    def get(version, precision="fp32", wkv="fused"):
-        if (version, precision, wkv) not in cache:
-            cache[version, precision, wkv] = export(make_ckpt(version), root / f"{version}-{precision}-{wkv}",
-                                                    precision=precision, wkv=wkv, prefill=True)
-        return cache[version, precision, wkv]
-
-    return get
+@pytest.fixture
+def fused(exported):
+    return lambda version, precision="fp32", wkv="fused": exported(version, precision, wkv)
 
 
 def rwkv_nodes(path):

@@ -14,17 +14,9 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is needed (pip install -e
 torch.set_grad_enabled(False)
 
 
-@pytest.fixture(scope="module")
-def prefill_exports(make_ckpt, tmp_path_factory):
-    root, cache = tmp_path_factory.mktemp("prefill"), {}
-
-    def get(version, precision="fp32", wkv="portable"):
-        if (version, precision, wkv) not in cache:
-            cache[version, precision, wkv] = export(make_ckpt(version), root / f"{version}-{precision}-{wkv}",
-                                                    precision=precision, prefill=True, wkv=wkv)
-        return cache[version, precision, wkv]
-
-    return get
+@pytest.fixture
+def prefill_exports(exported):
+    return exported
 
 
 def reference_steps(path, tokens):
