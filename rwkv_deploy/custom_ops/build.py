@@ -37,11 +37,14 @@ def cache_dir() -> Path:
     return Path(root) / "rwkv-deploy"
 
 
+def _cached(name: str, *sources: Path) -> Path:
+    """Where a library built from `sources` by this rwkv-deploy version lives (built or not)."""
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in sources) + __version__.encode()).hexdigest()[:12]
+    return cache_dir() / "ops" / f"{__version__}-{digest}" / name
+
+
 def library_path(cuda: bool = False) -> Path:
-    """Where the library for this source and version lives (built or not)."""
-    sources = SOURCE.read_bytes() + (CUDA_SOURCE.read_bytes() if cuda else b"")
-    digest = hashlib.sha256(sources + __version__.encode()).hexdigest()[:12]
-    return cache_dir() / "ops" / f"{__version__}-{digest}" / (CUDA_OPS_LIB_NAME if cuda else LIB_NAME)
+    return _cached(CUDA_OPS_LIB_NAME, SOURCE, CUDA_SOURCE) if cuda else _cached(LIB_NAME, SOURCE)
 
 
 def fetch_headers() -> Path:
@@ -115,8 +118,7 @@ def library_version(path: Path) -> str:
 
 def build_cuda_library(force: bool = False) -> Path:
     """The CUDA kernels alone (cuda/wkv_kernels.cu, C launchers) as a shared library, for tests and a TRT plugin."""
-    digest = hashlib.sha256(CUDA_SOURCE.read_bytes() + __version__.encode()).hexdigest()[:12]
-    lib = cache_dir() / "ops" / f"{__version__}-{digest}" / CUDA_LIB_NAME
+    lib = _cached(CUDA_LIB_NAME, CUDA_SOURCE)
     if lib.exists() and not force:
         return lib
     return _compile([_nvcc(), "-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",

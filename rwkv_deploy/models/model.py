@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import RWKVDeployError
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, load_checkpoint
 from .common import Dims, Params, StateKind, layer_norm
 from .versions import VERSIONS
 from .wkv import PORTABLE
@@ -74,6 +74,7 @@ class RWKV(nn.Module):
             rescale_every = ckpt.rescale_every or (6 if dtype == torch.float16 else 0)
         self.rescale_every = rescale_every if V.rescalable else 0
         self.states = state_table(d, dtype)
+        self.kinds = [k.name for k in state_kinds(d)]  # per layer: att_x, <wkv state>, ffn_x
         work = torch.float64 if dtype == torch.float64 else torch.float32  # load-time maths
         w = ckpt.weights
         emb, ln0w, ln0b = w["emb.weight"], w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"]
@@ -118,7 +119,7 @@ class RWKV(nn.Module):
         """tokens [B, T] int64 -> logits [B, T, V] ([B, 1, V] if last_only) and the state after the last token.
 
         Logits are float32, or float64 for a float64 model."""
-        kinds = [k.name for k in state_kinds(self.dims)]
+        kinds = self.kinds
         x = self.emb[tokens]  # [B, T, C]
         carry, new = None, []
         for i, blk in enumerate(self.blocks):
@@ -145,7 +146,5 @@ class RWKV(nn.Module):
 
 
 def load_model(source, dtype: str | torch.dtype = "float32", **kw) -> RWKV:
-    from .checkpoint import load_checkpoint
-
     ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source)
     return RWKV(ckpt, DTYPES[dtype] if isinstance(dtype, str) else dtype, **kw).eval()

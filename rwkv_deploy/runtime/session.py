@@ -112,10 +112,12 @@ class OnnxSession:
         return tokens.astype(np.int64)
 
     def step(self, tokens, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        tokens = self.check_inputs(tokens, state)
-        g = self.manifest.graph("step")
+        return self._run(self._step, "step", self.check_inputs(tokens, state), state)
+
+    def _run(self, sess, graph: str, tokens: np.ndarray, state: list[np.ndarray]):
+        g = self.manifest.graph(graph)
         feeds = {g["tokens"]: tokens, **{s.input: t for s, t in zip(self.states, state)}}
-        out = self._step.run([g["logits"], *(s.output for s in self.states)], feeds)
+        out = sess.run([g["logits"], *(s.output for s in self.states)], feeds)
         return out[0], out[1:]
 
     @property
@@ -132,10 +134,7 @@ class OnnxSession:
         tokens = self.check_inputs(tokens, state, seq=True)
         if tokens.shape[1] == 0:
             raise RWKVDeployError("prefill needs at least one token")
-        g = self.manifest.graph("prefill")
-        feeds = {g["tokens"]: tokens, **{s.input: t for s, t in zip(self.states, state)}}
-        out = self._prefill.run([g["logits"], *(s.output for s in self.states)], feeds)
-        return out[0], out[1:]
+        return self._run(self._prefill, "prefill", tokens, state)
 
     def forward(self, tokens, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """tokens [B, T] -> logits of the last position [B, V] and the state after it.

@@ -133,6 +133,15 @@ Ort::Status WKV4(OrtKernelContext* ctx, const Tensor<float>& w, const Tensor<flo
   return Ort::Status{nullptr};
 }
 
+// WKV5/WKV7 outputs: y [B, T, H, N], and S_out [B, H, N, N] starting as a copy of S, which the kernels then
+// update in place one head at a time.
+void HeadOutputs(const Tensor<float>& S, Tensor<float>& y, Tensor<float>& S_out, int64_t B, int64_t T, int64_t H,
+                 int64_t N, float*& Y, float*& SO) {
+  Y = y.Allocate({B, T, H, N});
+  SO = S_out.Allocate({B, H, N, N});
+  std::memcpy(SO, S.Data(), sizeof(float) * B * H * N * N);
+}
+
 // ---- RWKV-5.x / 6: S[i=key][j=value]; the output reads the old state ----
 Ort::Status WKV5(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<float>& k, const Tensor<float>& v,
                  const Tensor<float>& w, const Tensor<float>& u, const Tensor<float>& S, Tensor<float>& y,
@@ -140,9 +149,8 @@ Ort::Status WKV5(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
   int64_t B, T, H, N;
   RETURN_IF_ERROR(Check5(r, k, v, w, u, S, B, T, H, N));
   const float *R = r.Data(), *K = k.Data(), *V = v.Data(), *W = w.Data(), *U = u.Data();
-  float* Y = y.Allocate({B, T, H, N});
-  float* SO = S_out.Allocate({B, H, N, N});
-  std::memcpy(SO, S.Data(), sizeof(float) * B * H * N * N);
+  float *Y, *SO;
+  HeadOutputs(S, y, S_out, B, T, H, N, Y, SO);
   auto body = [&](size_t task) {
     const int64_t b = task / H, h = task % H;
     float* s = SO + task * N * N;
@@ -172,9 +180,8 @@ Ort::Status WKV7(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
   int64_t B, T, H, N;
   RETURN_IF_ERROR(Check7(r, w, k, v, a, bvec, S, B, T, H, N));
   const float *R = r.Data(), *W = w.Data(), *K = k.Data(), *V = v.Data(), *Av = a.Data(), *Bv = bvec.Data();
-  float* Y = y.Allocate({B, T, H, N});
-  float* SO = S_out.Allocate({B, H, N, N});
-  std::memcpy(SO, S.Data(), sizeof(float) * B * H * N * N);
+  float *Y, *SO;
+  HeadOutputs(S, y, S_out, B, T, H, N, Y, SO);
   auto body = [&](size_t task) {
     const int64_t b = task / H, h = task % H;
     float* s = SO + task * N * N;
