@@ -59,8 +59,15 @@ def _demo(a):
         raise VerificationFailed("the demo export did not match the reference")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors follow the same contract as bad input: one `error:` line on stderr, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rwkv-deploy", description="Export RWKV checkpoints to ONNX with certified parity.")
+    p = _Parser(prog="rwkv-deploy", description="Export RWKV checkpoints to ONNX with certified parity.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("inspect", help="version, dimensions, parameters and state table of a checkpoint")

@@ -157,3 +157,9 @@ def test_verify_float64_floor(world_export):
     assert "float64 check: fp32 reference vs float64" in r.stdout
     floor = json.loads((world_export / "verify.json").read_text())["floor"]
     assert 0 < floor["reference_vs_float64"] < 1e-4 and 0 < floor["export_vs_float64"] < 1e-4
+
+
+@pytest.mark.parametrize("args", [["export", "x.pth", "-o", "o", "--prefill", "bogus"], ["verify"], ["frobnicate"]])
+def test_usage_errors_are_one_error_line(args):
+    r = run_cli(*args)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr

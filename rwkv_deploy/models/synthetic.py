@@ -5,6 +5,9 @@ mixing coefficients in (0, 1), projections scaled by 1/sqrt(fan_in), LayerNorm w
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -81,11 +84,16 @@ def make_checkpoint(version: str, n_layer: int = 2, n_embd: int = 64, head_size:
 
 
 def save_checkpoint(sd: dict[str, Tensor], path) -> None:
-    """As .pth (torch.save) or, by suffix, .safetensors."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
+    """As .pth (torch.save) or, by suffix, .safetensors; written to a temporary name, then renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file(sd, path)
-    else:
-        torch.save(sd, path)
+            save_file(sd, str(tmp))
+        else:
+            torch.save(sd, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
