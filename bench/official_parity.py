@@ -12,6 +12,20 @@ import numpy as np
 from _common import add_model_args
 
 
+def stepwise(model, tokens) -> np.ndarray:
+    import torch
+
+    state, rows = model.init_state(1), []
+    for t in tokens:
+        logits, state = model.step(torch.tensor([t]), state)
+        rows.append(logits[0].double().numpy())
+    return np.stack(rows)
+
+
+def normalised(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float((np.abs(ours - ref).max(-1) / ref.std(-1)).max())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_model_args(ap, layers=4, embd=128, head_size=32, vocab=1024)
@@ -26,23 +40,21 @@ def main() -> None:
 
     tokens = np.random.default_rng(0).integers(0, a.vocab, a.tokens).tolist()
     print(f"{a.layers}x{a.embd}, head {a.head_size}, vocab {a.vocab}, {a.tokens} tokens one at a time, "
-          "official rwkv 0.8.32 'cpu fp32' vs our float32 reference")
-    print(f"{'version':<8}{'stored':<10}{'max|Δ|/std':>12}{'max|Δ|':>12}{'top-1':>8}")
+          "official rwkv 0.8.32 'cpu fp32' vs our float32 reference; the last two columns: each against our "
+          "float64 reference (the fp32 floor)")
+    print(f"{'version':<8}{'stored':<10}{'max|Δ|/std':>12}{'max|Δ|':>12}{'top-1':>8}"
+          f"{'official vs f64':>17}{'ours vs f64':>13}")
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for v in ALL_VERSIONS:
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 path = Path(tmp) / f"v{v}.pth"
                 save_checkpoint(make_checkpoint(v, a.layers, a.embd, a.head_size, a.vocab, dtype=dtype), path)
                 ref = official_logits(path, v, tokens).astype(np.float64)
-                m = load_model(path)
-                state, rows = m.init_state(1), []
-                for t in tokens:
-                    logits, state = m.step(torch.tensor([t]), state)
-                    rows.append(logits[0].numpy())
-                ours = np.stack(rows)
+                ours, exact = (stepwise(load_model(path, dt), tokens) for dt in ("float32", "float64"))
                 d = np.abs(ours - ref)
                 print(f"{v:<8}{str(dtype)[6:]:<10}{(d.max(-1) / ref.std(-1)).max():>12.3g}{d.max():>12.3g}"
-                      f"{(ours.argmax(-1) == ref.argmax(-1)).mean():>8.1%}")
+                      f"{(ours.argmax(-1) == ref.argmax(-1)).mean():>8.1%}"
+                      f"{normalised(ref, exact):>17.3g}{normalised(ours, exact):>13.3g}")
 
 
 if __name__ == "__main__":

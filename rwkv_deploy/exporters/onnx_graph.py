@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -84,8 +85,6 @@ def export_graph(module: nn.Module, model: RWKV, tokens: torch.Tensor, path: Pat
     else:
         onnx.save_model(proto, str(path))
     del proto
-    for f in raw.parent.iterdir():
-        f.unlink()
-    raw.parent.rmdir()
+    shutil.rmtree(raw.parent)  # the tracer's file and any per-tensor files it wrote beside it
     onnx.checker.check_model(str(path))  # by path: works past 2 GiB
     return external
