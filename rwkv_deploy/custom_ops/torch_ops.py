@@ -1,32 +1,102 @@
 """The rwkv ONNX domain on the PyTorch side: torch custom ops whose eager body is models/wkv.py (the Python
-reference of each operator), ONNX symbolics that emit one rwkv::WKV* node per call, and ONNX schemas."""
+reference of each operator), ONNX symbolics that emit one rwkv::WKV* node per call, and ONNX schemas.
+
+On CUDA tensors the ops run the kernels of cuda/wkv_kernels.cu instead (compiled with nvcc on first use): the
+launchers the ONNX Runtime CUDA-provider op calls, so `RWKV(..., wkv="fused")` on a GPU exercises them."""
 from __future__ import annotations
+
+import ctypes
+import logging
 
 import torch
 from torch import Tensor
 
+from ..errors import RWKVDeployError
 from ..models.wkv import WKVOps, run_wkv4, run_wkv5, run_wkv7
+
+log = logging.getLogger(__name__)
 
 DOMAIN, OPSET = "rwkv", 1
 
 
-@torch.library.custom_op("rwkv::wkv4", mutates_args=())
-def wkv4_op(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor
+def _eager4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     y, (aa, bb, pp) = run_wkv4(w, u, k, v, aa, bb, pp)
-    return y, aa.clone(), bb.clone(), pp.clone()
+    return y, aa.clone(), bb.clone(), pp.clone()  # custom ops may not return views of their inputs
 
 
-@torch.library.custom_op("rwkv::wkv5", mutates_args=())
-def wkv5_op(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+def _eager5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
     y, S = run_wkv5(r, k, v, w, u, S)
     return y, S.clone()
 
 
-@torch.library.custom_op("rwkv::wkv7", mutates_args=())
-def wkv7_op(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+def _eager7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
     y, S = run_wkv7(r, w, k, v, a, b, S)
     return y, S.clone()
+
+
+wkv4_op = torch.library.custom_op("rwkv::wkv4", _eager4, mutates_args=())
+wkv5_op = torch.library.custom_op("rwkv::wkv5", _eager5, mutates_args=())
+wkv7_op = torch.library.custom_op("rwkv::wkv7", _eager7, mutates_args=())
+
+
+CUDA_HEAD_SIZES = (16, 32, 64, 128)  # the head sizes wkv_kernels.cu instantiates
+_cuda_lib: ctypes.CDLL | bool | None = None  # None: not tried yet; False: unavailable
+
+
+def _launch(name: str, dims: tuple[int, ...], ins: list[Tensor], outs: list[Tensor]) -> bool:
+    """Run launcher `name` of the CUDA library on fp32 device tensors; False where the library cannot be built."""
+    global _cuda_lib
+    if _cuda_lib is None:
+        from .build import build_cuda_library
+
+        try:
+            _cuda_lib = ctypes.CDLL(str(build_cuda_library()))
+        except RWKVDeployError as e:
+            log.warning("CUDA WKV kernels unavailable, using the PyTorch recurrence on the GPU: %s", e)
+            _cuda_lib = False
+    if not _cuda_lib:
+        return False
+    ins = [t.contiguous() for t in ins]  # e.g. v5.0-5.2's per-channel decay arrives broadcast over [B, T]
+    with torch.cuda.device(ins[0].device):
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        rc = getattr(_cuda_lib, name)(*dims, *(ctypes.c_void_p(t.data_ptr()) for t in ins + outs), stream)
+    if rc:
+        raise RuntimeError(f"{name} failed with CUDA error {rc}")
+    return True
+
+
+def _fp32(*ts: Tensor) -> bool:
+    return all(t.dtype == torch.float32 for t in ts)
+
+
+@wkv4_op.register_kernel("cuda")
+def _(w, u, k, v, aa, bb, pp):
+    B, T, A = k.shape
+    outs = [torch.empty(B, T, A, device=k.device)] + [torch.empty(B, A, device=k.device) for _ in range(3)]
+    if _fp32(w, u, k, v, aa, bb, pp) and _launch("rwkv_wkv4_cuda", (B, T, A), [w, u, k, v, aa, bb, pp], outs):
+        return tuple(outs)
+    return _eager4(w, u, k, v, aa, bb, pp)
+
+
+@wkv5_op.register_kernel("cuda")
+def _(r, k, v, w, u, S):
+    B, T, H, N = r.shape
+    outs = [torch.empty(B, T, H, N, device=r.device), torch.empty(B, H, N, N, device=r.device)]
+    if N in CUDA_HEAD_SIZES and _fp32(r, k, v, w, u, S) and _launch("rwkv_wkv5_cuda", (B, T, H, N),
+                                                                     [r, k, v, w, u, S], outs):
+        return tuple(outs)
+    return _eager5(r, k, v, w, u, S)
+
+
+@wkv7_op.register_kernel("cuda")
+def _(r, w, k, v, a, b, S):
+    B, T, H, N = r.shape
+    outs = [torch.empty(B, T, H, N, device=r.device), torch.empty(B, H, N, N, device=r.device)]
+    if N in CUDA_HEAD_SIZES and _fp32(r, w, k, v, a, b, S) and _launch("rwkv_wkv7_cuda", (B, T, H, N),
+                                                                        [r, w, k, v, a, b, S], outs):
+        return tuple(outs)
+    return _eager7(r, w, k, v, a, b, S)
 
 
 @wkv4_op.register_fake

@@ -99,13 +99,14 @@ class RWKV(nn.Module):
         self.register_buffer("head", w["head.weight"].to(dtype))  # [V, C]
 
     def init_state(self, batch: int = 1) -> list[Tensor]:
+        """The initial state on the model's device (zeros, v4 pp = -1e30, or the tuned time_state)."""
         out = []
         for s in self.states:
             init = self.version.initial_wkv_state(self.blocks[s.layer], s.kind) if s.kind.name == "S" else None
             if init is not None:
                 out.append(init.to(s.dtype).expand(batch, *s.shape).clone())
             else:
-                out.append(torch.full((batch, *s.shape), s.kind.init, dtype=s.dtype))
+                out.append(torch.full((batch, *s.shape), s.kind.init, dtype=s.dtype, device=self.emb.device))
         return out
 
     def check_state(self, state: list[Tensor], batch: int) -> None:

@@ -208,8 +208,9 @@ Ort::Status WKV7(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
 
 #ifdef RWKV_WITH_CUDA
 // ---- the same operators for ONNX Runtime's CUDA execution provider: kernels in cuda/wkv_kernels.cu ----
-// Written to ONNX Runtime's documented custom-op API; built by `rwkv-deploy build-ops --cuda`. It has been
-// compiled here, never run: no onnxruntime-gpu was available where it was written.
+// Written to ONNX Runtime's documented custom-op API; built by `rwkv-deploy build-ops --cuda`. The launchers
+// it calls are tested on a GPU (tests/test_cuda.py); this glue has been compiled, never run: no machine here
+// has onnxruntime-gpu.
 }  // namespace
 extern "C" {
 int rwkv_wkv4_cuda(int B, int T, int A, const float* w, const float* u, const float* k, const float* v,

@@ -6,7 +6,8 @@
 //   wkv7: r,w,k,v,a,b [B,T,H,N]; S [B,H,N,N] (value x key)     -> y [B,T,H,N]; S out
 // Each block owns one (batch row, head) and keeps that head's N x N state in registers: thread j holds one
 // column (v5: a value channel) or one row (v7: a value channel), so the state is read and written once per
-// call, not once per token. Returns 0, or a cudaError_t value.
+// call, not once per token; the decode step is bound by that state traffic (bench/cuda_bench.py).
+// Launchers return 0, or a cudaError_t value.
 #include <cuda_runtime.h>
 
 namespace {
@@ -73,6 +74,44 @@ __global__ void wkv5_kernel(int T, int H, const float* __restrict__ r, const flo
   for (int i = 0; i < N; ++i) So[i * N + j] = s[i];
 }
 
+// v7 keeps row i of S (a value channel) in thread i, but rows are contiguous in memory, so a direct load would
+// have a warp touch 32 rows per instruction (15 % of copy bandwidth on an H100). Rows therefore move between
+// global memory and registers through a shared tile, W columns at a time: the global side is coalesced and the
+// pitch W + 1 keeps the shared side free of bank conflicts.
+template <int N>
+struct RowTile {
+  static constexpr int W = N < 32 ? N : 32;
+  float v[N][W + 1];
+};
+
+template <int N>
+__device__ __forceinline__ void load_rows(const float* __restrict__ src, float (&s)[N], RowTile<N>& tile) {
+  constexpr int W = RowTile<N>::W;
+  const int i = threadIdx.x, col = i % W;
+#pragma unroll
+  for (int c = 0; c < N; c += W) {
+    __syncthreads();
+    for (int row = i / W; row < N; row += N / W) tile.v[row][col] = src[row * N + c + col];
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < W; ++j) s[c + j] = tile.v[i][j];
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void store_rows(float* __restrict__ dst, const float (&s)[N], RowTile<N>& tile) {
+  constexpr int W = RowTile<N>::W;
+  const int i = threadIdx.x, col = i % W;
+#pragma unroll
+  for (int c = 0; c < N; c += W) {
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < W; ++j) tile.v[i][j] = s[c + j];
+    __syncthreads();
+    for (int row = i / W; row < N; row += N / W) dst[row * N + c + col] = tile.v[row][col];
+  }
+}
+
 // v7: thread i holds row i of S (S[i][j], j = key channel).
 template <int N>
 __global__ void wkv7_kernel(int T, int H, const float* __restrict__ r, const float* __restrict__ w,
@@ -81,10 +120,9 @@ __global__ void wkv7_kernel(int T, int H, const float* __restrict__ r, const flo
                             float* __restrict__ S_out) {
   const int bh = blockIdx.x, b = bh / H, h = bh % H, i = threadIdx.x;
   __shared__ float rs[N], ws[N], ks[N], as[N], bs[N];
+  __shared__ RowTile<N> tile;
   float s[N];
-  const float* Sh = S + (size_t)bh * N * N + (size_t)i * N;
-#pragma unroll
-  for (int j = 0; j < N; ++j) s[j] = Sh[j];
+  load_rows<N>(S + (size_t)bh * N * N, s, tile);
   for (int t = 0; t < T; ++t) {
     const size_t o = ((size_t)(b * T + t) * H + h) * N;
     __syncthreads();
@@ -106,9 +144,7 @@ __global__ void wkv7_kernel(int T, int H, const float* __restrict__ r, const flo
     }
     y[o + i] = acc;
   }
-  float* So = S_out + (size_t)bh * N * N + (size_t)i * N;
-#pragma unroll
-  for (int j = 0; j < N; ++j) So[j] = s[j];
+  store_rows<N>(S_out + (size_t)bh * N * N, s, tile);
 }
 
 }  // namespace
