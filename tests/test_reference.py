@@ -94,6 +94,30 @@ def test_wkv5_matches_chunked_closed_form():
     assert torch.allclose(S, S_T, atol=1e-12)
 
 
+@pytest.mark.parametrize("fresh", [True, False])
+@pytest.mark.parametrize("T", [2, 16, 17, 40])
+def test_chunked_wkv4_equals_token_loop(T, fresh):
+    """run_wkv4 takes 16-token chunks in closed form; in float64 it must equal the token-by-token "pp" cell,
+    from the initial state (pp = -1e30) and from a running one, state representation (aa, bb, pp) included."""
+    from rwkv_deploy.models.wkv import run_wkv4, wkv4
+
+    B, A = 2, 24
+    g = torch.Generator().manual_seed(T)
+    rand = lambda *s, lo=-1.0, hi=1.0: lo + (hi - lo) * torch.rand(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    w, u = -torch.exp(rand(A, lo=-5, hi=2)), rand(A)  # decays from slow to fast
+    k, v = rand(B, T, A, lo=-3, hi=3), rand(B, T, A)
+    if fresh:
+        state = (torch.zeros(B, A, dtype=torch.float64),) * 2 + (torch.full((B, A), -1e30, dtype=torch.float64),)
+    else:
+        state = (rand(B, A), rand(B, A, lo=0.1, hi=2), rand(B, A, lo=-2, hi=2))
+    y, chunked = run_wkv4(w, u, k, v, *state)
+    for t in range(T):
+        y_t, *state = wkv4(w, u, k[:, t], v[:, t], *state)
+        assert torch.allclose(y[:, t], y_t, atol=1e-10)
+    for got, want in zip(chunked, state):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("T", [2, 16, 17, 40])
 def test_chunked_wkv5_equals_token_loop(T):
     """run_wkv5 takes 16-token chunks in matrix form; in float64 it must equal the token-by-token cell."""

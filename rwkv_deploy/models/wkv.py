@@ -1,8 +1,9 @@
 """The WKV recurrences, written once (spec §5, §7).
 
 `wkv4`, `wkv5`, `wkv7` take one token per batch row. `run_wkv*` take whole sequences [B, T, ...]: with T = 1
-(the decode step) they call the cell directly; otherwise a TorchScript loop, which the ONNX exporter turns
-into an ONNX `Loop` whose trip count is the graph's dynamic sequence length. The reference model, the ONNX
+(the decode step) they call the cell directly; otherwise a TorchScript loop (over 16-token chunks in closed
+form for v4, v5.x and v6; over tokens for v7), which the ONNX exporter turns into an ONNX `Loop` whose trip
+count is the graph's dynamic sequence length. The reference model, the ONNX
 exports (traced), the custom-op reference kernels and the tests all call these.
 Shapes: B batch, T tokens, A attention width, H heads, N head size.
 """
@@ -62,6 +63,31 @@ def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Te
     return (S @ r.unsqueeze(-1)).squeeze(-1), S  # [B, H, N], [B, H, N, N]
 
 
+def wkv4_chunk(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor
+               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """wkv4 over a chunk of L tokens at once (spec §7's closed form); equal to L calls of `wkv4`.
+
+    k, v [B, L, A]; the rest as in `wkv4`. Token t weighs, as powers of e: the state by pp + t·w, an earlier
+    token s by (t-1-s)·w + k_s, itself by u + k_t; each token divides by its own largest power, as the "pp"
+    form does. The new pp is the largest power after the chunk, which is the pp that L steps reach.
+    """
+    L = k.shape[1]
+    t = torch.arange(L, dtype=k.dtype, device=k.device)  # [L]
+    lag = t.unsqueeze(1) - 1 - t.unsqueeze(0)  # [L(t), L(s)]: t-1-s
+    pw = torch.where((lag >= 0).unsqueeze(-1), lag.unsqueeze(-1) * w + k.unsqueeze(1),  # [B, L(t), L(s), A]
+                     torch.where((lag == -1).unsqueeze(-1), u + k.unsqueeze(1), torch.full_like(lag, -float("inf"))
+                                 .unsqueeze(-1)))
+    ps = pp.unsqueeze(1) + t.unsqueeze(-1) * w  # [B, L, A]: the state's power at token t
+    top = torch.maximum(pw.amax(2), ps)  # [B, L, A]
+    e, es = torch.exp(pw - top.unsqueeze(2)), torch.exp(ps - top)
+    y = ((e * v.unsqueeze(1)).sum(2) + es * aa.unsqueeze(1)) / (e.sum(2) + es * bb.unsqueeze(1))  # [B, L, A]
+    pk = (L - 1 - t).unsqueeze(-1) * w + k  # [B, L, A]: each token's power after the chunk
+    pl = pp + L * w  # [B, A]
+    p = torch.maximum(pk.amax(1), pl)
+    e, el = torch.exp(pk - p.unsqueeze(1)), torch.exp(pl - p)
+    return y, el * aa + (e * v).sum(1), el * bb + e.sum(1), p
+
+
 def wkv5_chunk(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor) -> Tuple[Tensor, Tensor]:
     """wkv5 over a chunk of L tokens at once, in matrix form (spec §7); equal to L calls of `wkv5`.
 
@@ -89,12 +115,13 @@ CHUNK = 16
 
 # The loops take the trip count as a tensor made by a Shape op: an int would be frozen into the graph.
 @_script
-def _wkv4_seq(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor, steps: Tensor):
+def _wkv4_seq(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor, steps: Tensor,
+              chunk: int):
     ys: List[Tensor] = []
-    for t in range(int(steps)):
-        y, aa, bb, pp = wkv4(w, u, k[:, t], v[:, t], aa, bb, pp)
+    for c in range(0, int(steps), chunk):
+        y, aa, bb, pp = wkv4_chunk(w, u, k[:, c:c + chunk], v[:, c:c + chunk], aa, bb, pp)
         ys.append(y)
-    return torch.stack(ys, 1), aa, bb, pp
+    return torch.cat(ys, 1), aa, bb, pp
 
 
 @_script
@@ -124,7 +151,7 @@ def run_wkv4(w, u, k, v, aa, bb, pp):
     if k.shape[1] == 1:
         y, aa, bb, pp = wkv4(w, u, k[:, 0], v[:, 0], aa, bb, pp)
         return y.unsqueeze(1), (aa, bb, pp)
-    y, aa, bb, pp = _wkv4_seq(w, u, k, v, aa, bb, pp, _steps(k))
+    y, aa, bb, pp = _wkv4_seq(w, u, k, v, aa, bb, pp, _steps(k), CHUNK)
     return y, (aa, bb, pp)
 
 
