@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     s.add_argument("--tokenizer", help="tokenizer file to copy in: tokenizers .json or RWKV World .txt")
     s.add_argument("--external-data", action="store_true",
-                   help="weights in model.onnx.data (automatic above 1.8 GB)")
+                   help="weights in weights.onnx.data, shared by both graphs (automatic above 1.8 GB)")
     s.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     s.add_argument("--prefill", nargs="?", const="last", choices=["last", "all"],
                    help="also write prefill.onnx: a whole prompt in one call, returning the logits of the last "

@@ -106,13 +106,27 @@ def test_generic_client_with_state_tuned_init(exports):
     np.testing.assert_array_equal(generic_client(out, tokens)[-1], logits[0])
 
 
-def test_external_data_forced(make_ckpt, tmp_path):
-    out = export(make_ckpt("7"), tmp_path / "ext", external_data=True)
+def test_external_data_forced_is_one_file_both_graphs_share(make_ckpt, exports, tmp_path):
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    out = export(make_ckpt("7"), tmp_path / "ext", external_data=True, prefill="last")
     m = json.loads((out / "manifest.json").read_text())
-    assert m["graphs"]["step"]["external_data"] == "model.onnx.data"
-    data = (out / "model.onnx.data").stat().st_size
-    assert data > 5 * (out / "model.onnx").stat().st_size  # the weights live in the data file
+    assert m["graphs"]["step"]["external_data"] == m["graphs"]["prefill"]["external_data"] == "weights.onnx.data"
+    assert [f.name for f in out.iterdir() if f.name.endswith(".data")] == ["weights.onnx.data"]
+    per_graph = {}
+    for g in ("model.onnx", "prefill.onnx"):
+        proto = onnx.load(str(out / g), load_external_data=False)
+        per_graph[g] = sum(int(dict((e.key, e.value) for e in t.external_data)["length"])
+                           for t in proto.graph.initializer if uses_external_data(t))
+        assert per_graph[g] > 5 * (out / g).stat().st_size  # the weights live in the data file
+    data = (out / "weights.onnx.data").stat().st_size
+    assert data < 1.1 * per_graph["model.onnx"] + 64 * 4096  # the prefill graph's weights were already there
+    assert data < 0.6 * sum(per_graph.values())
     assert verify(out, steps=64)
+    sess, ref = open_session(out), open_session(exports("7"))  # the folder export of the same checkpoint
+    tokens = np.array([[3, 1, 4, 1, 5]])
+    np.testing.assert_array_equal(sess.prefill(tokens, sess.init_state(1))[0], ref.prefill(tokens, ref.init_state(1))[0])
 
 
 def test_export_writes_nothing_on_failure(make_ckpt, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from ..models import load_checkpoint
 from ..models.model import RWKV
 from ..runtime.manifest import FORMAT, MANIFEST, current_umask, write_json_atomic
 from ..runtime.tokenizer import load_tokenizer, tokenizer_kind, world_vocab_path
-from .onnx_graph import LOGITS, TOKENS, PrefillGraph, StepGraph, export_graph, state_io_names
+from .onnx_graph import LOGITS, TOKENS, WEIGHTS_FILE, PrefillGraph, StepGraph, WeightFile, export_graph, state_io_names
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +66,18 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
     try:
         t1 = time.time()
+        weights = WeightFile(tmp / WEIGHTS_FILE)
         external = export_graph(StepGraph(model), model, torch.zeros(2, dtype=torch.long), tmp / "model.onnx", opset,
-                                external_data)
+                                external_data, weights)
         log.info("[2/4] step graph traced and checked in %.1fs", time.time() - t1)
         graphs = {"step": _graph_entry("model.onnx", external, ["batch"], d.vocab_size)}
         if prefill:
             t1 = time.time()
             # example T = 3: the T = 1 shortcut of models/wkv.py must not be taken, so the WKV becomes a Loop
-            ext = export_graph(PrefillGraph(model, prefill == "all"), model, torch.zeros(2, 3, dtype=torch.long),
-                               tmp / "prefill.onnx", opset, external_data)
-            graphs["prefill"] = _graph_entry("prefill.onnx", ext, ["batch", "seq"], d.vocab_size)
+            # the same weights: stored with the step graph's when those went to external data
+            export_graph(PrefillGraph(model, prefill == "all"), model, torch.zeros(2, 3, dtype=torch.long),
+                         tmp / "prefill.onnx", opset, external, weights)
+            graphs["prefill"] = _graph_entry("prefill.onnx", external, ["batch", "seq"], d.vocab_size)
             graphs["prefill"]["positions"] = prefill
             if prefill == "all":
                 graphs["prefill"]["logits_shape"] = ["batch", "seq", d.vocab_size]
@@ -115,7 +117,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
 
 
 def _graph_entry(file: str, external: bool, tokens_shape: list, vocab: int) -> dict:
-    return {"file": file, "external_data": file + ".data" if external else None, "tokens": TOKENS,
+    return {"file": file, "external_data": WEIGHTS_FILE if external else None, "tokens": TOKENS,
             "tokens_dtype": "int64", "tokens_shape": tokens_shape, "logits": LOGITS, "logits_dtype": "float32",
             "logits_shape": ["batch", vocab]}
 

@@ -1,6 +1,7 @@
 """Tracing the reference model into ONNX graphs with the state as explicit inputs and outputs."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import warnings
@@ -16,6 +17,37 @@ log = logging.getLogger(__name__)
 PROTOBUF_LIMIT = 2 ** 31 - 1  # a single .onnx file cannot exceed 2 GiB
 EXTERNAL_THRESHOLD = 1_800_000_000  # weights above this go to external data automatically
 TOKENS, LOGITS = "tokens", "logits"
+WEIGHTS_FILE = "weights.onnx.data"
+
+
+class WeightFile:
+    """The external-data file that the graphs of one export share. Each distinct tensor is stored once, found by
+    its bytes: the step and prefill graphs hold the same weights, which would otherwise double the folder."""
+
+    ALIGN = 4096  # page-aligned offsets let a runtime map each tensor instead of copying it
+    MIN_BYTES = 1024  # smaller tensors stay inside the graph
+
+    def __init__(self, path: Path):
+        self.path, self.stored = path, {}  # sha256 of the bytes -> (offset, length)
+
+    def take(self, graph) -> int:
+        """Move the graph's initializers (raw_data of at least MIN_BYTES) into the file; returns the bytes moved."""
+        from onnx.external_data_helper import set_external_data
+
+        moved = 0
+        with open(self.path, "ab") as f:
+            for t in graph.initializer:
+                if len(t.raw_data) < self.MIN_BYTES:
+                    continue
+                key = hashlib.sha256(t.raw_data).digest()
+                if key not in self.stored:
+                    f.write(b"\0" * (-f.tell() % self.ALIGN))
+                    self.stored[key] = (f.tell(), len(t.raw_data))
+                    f.write(t.raw_data)
+                moved += len(t.raw_data)
+                set_external_data(t, self.path.name, *self.stored[key])
+                t.ClearField("raw_data")
+        return moved
 
 
 def state_io_names(model: RWKV) -> tuple[list[str], list[str]]:
@@ -51,8 +83,9 @@ class PrefillGraph(nn.Module):
 
 
 def export_graph(module: nn.Module, model: RWKV, tokens: torch.Tensor, path: Path, opset: int,
-                 external_data: bool | None) -> bool:
-    """Trace `module` with dynamic batch (and dynamic seq for 2-D tokens); returns whether external data was used."""
+                 external_data: bool | None, weights: WeightFile) -> bool:
+    """Trace `module` with dynamic batch (and dynamic seq for 2-D tokens); returns whether its weights went to
+    `weights` (external data: when asked, or automatically above EXTERNAL_THRESHOLD)."""
     ins, outs = state_io_names(model)
     all_positions = getattr(module, "all_positions", False)
     axes = {TOKENS: {0: "batch", 1: "seq"} if tokens.dim() == 2 else {0: "batch"},
@@ -79,11 +112,11 @@ def export_graph(module: nn.Module, model: RWKV, tokens: torch.Tensor, path: Pat
     external = external_data if external_data is not None else weight_bytes > EXTERNAL_THRESHOLD
     proto.producer_name = "rwkv-deploy"
     if external:
-        log.info("writing weights (%.2f GB) to %s.data", weight_bytes / 1e9, path.name)
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
+        before = weights.path.stat().st_size if weights.path.exists() else 0
+        moved = weights.take(proto.graph)
+        log.info("weights of %s (%.2f GB): %.2f GB new in %s", path.name, moved / 1e9,
+                 (weights.path.stat().st_size - before) / 1e9, weights.path.name)
+    onnx.save_model(proto, str(path))
     del proto
     shutil.rmtree(raw.parent)  # the tracer's file and any per-tensor files it wrote beside it
     onnx.checker.check_model(str(path))  # by path: works past 2 GiB
