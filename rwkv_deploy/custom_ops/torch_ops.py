@@ -66,37 +66,34 @@ def _launch(name: str, dims: tuple[int, ...], ins: list[Tensor], outs: list[Tens
     return True
 
 
-def _fp32(*ts: Tensor) -> bool:
-    return all(t.dtype == torch.float32 for t in ts)
+def _on_cuda(op, launcher: str, eager, shapes) -> None:
+    """Register `op` for CUDA tensors: the kernel where it covers the inputs (fp32, a head size it was built for),
+    else the eager body. shapes(*inputs) -> (launcher dims, output shapes, whether the kernel covers them)."""
+
+    def kernel(*ins: Tensor):
+        dims, out_shapes, covered = shapes(*ins)
+        if covered and all(t.dtype == torch.float32 for t in ins):
+            outs = [torch.empty(s, device=ins[0].device) for s in out_shapes]
+            if _launch(launcher, dims, list(ins), outs):
+                return tuple(outs)
+        return eager(*ins)
+
+    op.register_kernel("cuda")(kernel)
 
 
-@wkv4_op.register_kernel("cuda")
-def _(w, u, k, v, aa, bb, pp):
+def _v4_shapes(w, u, k, *_):
     B, T, A = k.shape
-    outs = [torch.empty(B, T, A, device=k.device)] + [torch.empty(B, A, device=k.device) for _ in range(3)]
-    if _fp32(w, u, k, v, aa, bb, pp) and _launch("rwkv_wkv4_cuda", (B, T, A), [w, u, k, v, aa, bb, pp], outs):
-        return tuple(outs)
-    return _eager4(w, u, k, v, aa, bb, pp)
+    return (B, T, A), [(B, T, A), (B, A), (B, A), (B, A)], True
 
 
-@wkv5_op.register_kernel("cuda")
-def _(r, k, v, w, u, S):
+def _head_shapes(r, *_):  # wkv5 and wkv7: r first, [B, T, H, N]
     B, T, H, N = r.shape
-    outs = [torch.empty(B, T, H, N, device=r.device), torch.empty(B, H, N, N, device=r.device)]
-    if N in CUDA_HEAD_SIZES and _fp32(r, k, v, w, u, S) and _launch("rwkv_wkv5_cuda", (B, T, H, N),
-                                                                     [r, k, v, w, u, S], outs):
-        return tuple(outs)
-    return _eager5(r, k, v, w, u, S)
+    return (B, T, H, N), [(B, T, H, N), (B, H, N, N)], N in CUDA_HEAD_SIZES
 
 
-@wkv7_op.register_kernel("cuda")
-def _(r, w, k, v, a, b, S):
-    B, T, H, N = r.shape
-    outs = [torch.empty(B, T, H, N, device=r.device), torch.empty(B, H, N, N, device=r.device)]
-    if N in CUDA_HEAD_SIZES and _fp32(r, w, k, v, a, b, S) and _launch("rwkv_wkv7_cuda", (B, T, H, N),
-                                                                        [r, w, k, v, a, b, S], outs):
-        return tuple(outs)
-    return _eager7(r, w, k, v, a, b, S)
+_on_cuda(wkv4_op, "rwkv_wkv4_cuda", _eager4, _v4_shapes)
+_on_cuda(wkv5_op, "rwkv_wkv5_cuda", _eager5, _head_shapes)
+_on_cuda(wkv7_op, "rwkv_wkv7_cuda", _eager7, _head_shapes)
 
 
 @wkv4_op.register_fake

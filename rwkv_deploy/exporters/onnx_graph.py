@@ -30,11 +30,12 @@ class WeightFile:
     def __init__(self, path: Path):
         self.path, self.stored = path, {}  # sha256 of the bytes -> (offset, length)
 
-    def take(self, graph) -> int:
-        """Move the graph's initializers (raw_data of at least MIN_BYTES) into the file; returns the bytes moved."""
+    def take(self, graph) -> tuple[int, int]:
+        """Move the graph's initializers (raw_data of at least MIN_BYTES) into the file; returns the bytes moved
+        and the bytes the file grew by (tensors it did not hold yet)."""
         from onnx.external_data_helper import set_external_data
 
-        moved = 0
+        moved = added = 0
         with open(self.path, "ab") as f:
             for t in graph.initializer:
                 if len(t.raw_data) < self.MIN_BYTES:
@@ -44,10 +45,11 @@ class WeightFile:
                     f.write(b"\0" * (-f.tell() % self.ALIGN))
                     self.stored[key] = (f.tell(), len(t.raw_data))
                     f.write(t.raw_data)
+                    added += len(t.raw_data)
                 moved += len(t.raw_data)
                 set_external_data(t, self.path.name, *self.stored[key])
                 t.ClearField("raw_data")
-        return moved
+        return moved, added
 
 
 def state_io_names(model: RWKV) -> tuple[list[str], list[str]]:
@@ -112,10 +114,8 @@ def export_graph(module: nn.Module, model: RWKV, tokens: torch.Tensor, path: Pat
     external = external_data if external_data is not None else weight_bytes > EXTERNAL_THRESHOLD
     proto.producer_name = "rwkv-deploy"
     if external:
-        before = weights.path.stat().st_size if weights.path.exists() else 0
-        moved = weights.take(proto.graph)
-        log.info("weights of %s (%.2f GB): %.2f GB new in %s", path.name, moved / 1e9,
-                 (weights.path.stat().st_size - before) / 1e9, weights.path.name)
+        moved, added = weights.take(proto.graph)
+        log.info("weights of %s (%.2f GB): %.2f GB new in %s", path.name, moved / 1e9, added / 1e9, weights.path.name)
     onnx.save_model(proto, str(path))
     del proto
     shutil.rmtree(raw.parent)  # the tracer's file and any per-tensor files it wrote beside it

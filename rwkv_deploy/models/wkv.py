@@ -3,8 +3,8 @@
 `wkv4`, `wkv5`, `wkv7` take one token per batch row. `run_wkv*` take whole sequences [B, T, ...]: with T = 1
 (the decode step) they call the cell directly; otherwise a TorchScript loop (over 16-token chunks in closed
 form for v4, v5.x and v6; over tokens for v7), which the ONNX exporter turns into an ONNX `Loop` whose trip
-count is the graph's dynamic sequence length. The reference model, the ONNX
-exports (traced), the custom-op reference kernels and the tests all call these.
+count is the graph's dynamic sequence length. The reference model, the ONNX exports (traced), the custom-op
+reference kernels and the tests all call these.
 Shapes: B batch, T tokens, A attention width, H heads, N head size.
 """
 from __future__ import annotations
@@ -74,9 +74,9 @@ def wkv4_chunk(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tenso
     L = k.shape[1]
     t = torch.arange(L, dtype=k.dtype, device=k.device)  # [L]
     lag = t.unsqueeze(1) - 1 - t.unsqueeze(0)  # [L(t), L(s)]: t-1-s
-    pw = torch.where((lag >= 0).unsqueeze(-1), lag.unsqueeze(-1) * w + k.unsqueeze(1),  # [B, L(t), L(s), A]
-                     torch.where((lag == -1).unsqueeze(-1), u + k.unsqueeze(1), torch.full_like(lag, -float("inf"))
-                                 .unsqueeze(-1)))
+    own = (lag == -1).unsqueeze(-1)  # s = t
+    pw = torch.where(own, u, lag.unsqueeze(-1) * w) + k.unsqueeze(1)  # [B, L(t), L(s), A]: powers of token s at t
+    pw = pw.masked_fill((lag < -1).unsqueeze(-1), -float("inf"))  # later tokens do not count
     ps = pp.unsqueeze(1) + t.unsqueeze(-1) * w  # [B, L, A]: the state's power at token t
     top = torch.maximum(pw.amax(2), ps)  # [B, L, A]
     e, es = torch.exp(pw - top.unsqueeze(2)), torch.exp(ps - top)
