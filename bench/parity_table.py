@@ -38,7 +38,7 @@ def main() -> None:
                 secs = time.time() - t
                 size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
                 r = verify(out, steps=a.steps, batch=a.batch)
-                f, g = r.free_running.summary(), r.teacher_forced.summary()
+                f, g = r.summaries().values()
                 print(f"{v:<8}{prec:<6}{f['normalised']:>14.3g}{g['normalised']:>16.3g}"
                       f"{max(f['max_abs'], g['max_abs']):>10.3g}{min(f['top1'], g['top1']):>8.1%}"
                       f"{min(f['top1_ties'], g['top1_ties']):>8.1%}{secs:>10.1f}{size:>9.1f}  {'PASS' if r else 'FAIL'}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 from .errors import RWKVDeployError, VerificationFailed
@@ -28,7 +29,7 @@ def _verify(a):
     from .validation.compare import verify
 
     report = verify(a.folder, checkpoint=a.checkpoint, steps=a.steps, batch=a.batch, seed=a.seed, json_path=a.json,
-                    floor=a.float64)
+                    trust_custom_ops=a.trust_custom_ops)
     print(report.table())
     if not report:
         raise VerificationFailed("; ".join(report.failures()))
@@ -38,7 +39,8 @@ def _run(a):
     from .runtime.generate import generate
     from .runtime.session import open_session
 
-    sess = open_session(a.folder)
+    sess = open_session(a.folder, trust_custom_ops=a.trust_custom_ops)
+    sess.get_tokenizer()  # a missing or bad tokenizer is an error before anything is printed
     sys.stdout.write(a.prompt)
     for piece in generate(sess, a.prompt, a.max_tokens, a.temperature, a.top_p, a.seed):
         sys.stdout.write(piece)
@@ -64,6 +66,75 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+# Argument types: each raises ArgumentTypeError, which _Parser prints as one `error:` line (exit 2), so a bad value
+# is refused before any work starts instead of failing deep inside numpy.
+
+def _number(text: str, kind=float):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+
+
+def _temperature(text: str) -> float:
+    t = _number(text)
+    if not (math.isfinite(t) and t >= 0):  # nan passes `t >= 0 or ...` checks silently
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = greedy), got {text!r}")
+    return t
+
+
+def _top_p(text: str) -> float:
+    p = _number(text)
+    if not 0 < p <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return p
+
+
+def _max_tokens(text: str) -> int:
+    n = _number(text, int)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return n
+
+
+def _positive(text: str) -> int:
+    n = _number(text, int)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return n
+
+
+def _seed(text: str) -> int:
+    n = _number(text, int)
+    if not 0 <= n < 2 ** 63:  # what numpy's default_rng accepts
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text!r}")
+    return n
+
+
+def _prompt(text: str) -> str:
+    from .runtime.generate import check_prompt
+
+    try:
+        check_prompt(text)
+    except RWKVDeployError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return text
+
+
+def _describe(e: BaseException, command: str) -> str:
+    """One line for an exception that reached the CLI boundary."""
+    if isinstance(e, MemoryError):
+        return f"out of memory while running `{command}`; free memory or use a smaller model, batch or token count"
+    if isinstance(e, RecursionError):
+        return f"recursion limit reached while running `{command}` (is an input file nested too deeply?)"
+    if isinstance(e, UnicodeError):
+        return f"{e} (text in an argument or file that is not UTF-8, or output the terminal cannot encode)"
+    if isinstance(e, OSError) and e.strerror:
+        files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{files}: {e.strerror}" if files else e.strerror
+    return str(e) or type(e).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,21 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="step-by-step parity of an export against the PyTorch reference")
     s.add_argument("folder")
     s.add_argument("--checkpoint", help="reference checkpoint (default: the one recorded in the manifest)")
-    s.add_argument("--steps", type=int, default=64)
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0, help="seed of the random token stream")
+    s.add_argument("--steps", type=_positive, default=64, help="tokens to step through (default 64)")
+    s.add_argument("--batch", type=_positive, default=1, help="independent token streams (default 1)")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the random token stream (default 0)")
     s.add_argument("--json", help="also write the report here (OUT/verify.json is always written)")
-    s.add_argument("--float64", action="store_true",
-                   help="also run a float64 reference and report how far fp32 itself is from it (the floor)")
+    s.add_argument("--float64", action="store_true", help=argparse.SUPPRESS)  # always on now; kept for old scripts
+    s.add_argument("--trust-custom-ops", action="store_true",
+                   help="load a custom-op library that this installation did not build (it runs native code)")
     s.set_defaults(fn=_verify)
 
     s = sub.add_parser("run", help="generate text with an export folder")
     s.add_argument("folder")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--max-tokens", type=int, default=100)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-p", type=float, default=0.85)
-    s.add_argument("--seed", type=int, help="fix for reproducible output")
+    s.add_argument("--prompt", required=True, type=_prompt, help="UTF-8 text to continue")
+    s.add_argument("--max-tokens", type=_max_tokens, default=100, help="tokens to generate (default 100)")
+    s.add_argument("--temperature", type=_temperature, default=1.0, help="0 = greedy (default 1.0)")
+    s.add_argument("--top-p", type=_top_p, default=0.85, help="nucleus sampling mass, in (0, 1] (default 0.85)")
+    s.add_argument("--seed", type=_seed, help="fix for reproducible output: an integer in [0, 2**63)")
+    s.add_argument("--trust-custom-ops", action="store_true",
+                   help="load a custom-op library that this installation did not build (it runs native code)")
     s.set_defaults(fn=_run)
 
     s = sub.add_parser("build-ops", help="build the ONNX Runtime custom-op library (fused WKV) and print its path")
@@ -129,24 +203,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)  # progress and warnings go to stderr, results to stdout
+    # Progress and warnings go to stderr, results to stdout. The handler lives only for this call, so calling
+    # main() again in the same process (tests, notebooks) does not print every log line twice.
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if a.debug else "%(message)s"))
-    root = logging.getLogger("rwkv_deploy")
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if a.debug else logging.INFO)
+    log = logging.getLogger("rwkv_deploy")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if a.debug else logging.INFO)
     try:
         a.fn(a)
-    except RWKVDeployError as e:
-        if a.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except VerificationFailed as e:
         print(f"verification failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except (RWKVDeployError, OSError, MemoryError, RecursionError, UnicodeError) as e:
+        # Bad input and what the machine refuses (missing file, full disk, out of memory) are one line, exit 2;
+        # anything else is a bug and keeps its traceback.
+        if a.debug:
+            raise
+        print(f"error: {_describe(e, a.command)}", file=sys.stderr)
+        return 2
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
     return 0
 
 

@@ -66,6 +66,27 @@ def run_cli(*args, cwd=None):
                           text=True, cwd=cwd)
 
 
+def one_error_line(r, *words) -> str:
+    """A CLI run that failed as bad input must: exit 2, exactly one `error:` line, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def world():
+    """The RWKV World tokenizer (its vocabulary ships in the official rwkv package)."""
+    from rwkv_deploy.runtime.tokenizer import WorldTokenizer, world_vocab_path
+
+    path = world_vocab_path()
+    if path is None:
+        pytest.skip("the rwkv package (which ships the World vocabulary) is not installed")
+    return WorldTokenizer(path)
+
+
 def random_tokens(n, vocab=97, seed=0, batch=None):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n,) if batch is None else (batch, n), generator=g)

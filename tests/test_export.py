@@ -22,10 +22,9 @@ def exports(exported):
 def test_export_matches_reference(exports, version, precision):
     out = exports(version, precision)
     report = verify(out, steps=64, batch=4)  # 256 rows: one near-tie flip is 0.4%
-    s_free, s_forced = report.free_running.summary(), report.teacher_forced.summary()
-    bound = 1e-5 if precision == "fp32" else 2e-2
-    assert s_free["normalised"] <= bound and s_forced["normalised"] <= bound, report.table()
-    assert s_free["top1"] >= 0.99 and s_forced["top1"] >= 0.99, report.table()
+    bound = 1e-5 if precision == "fp32" else 2e-2  # distance from float64
+    for s in report.summaries().values():
+        assert s["export_worst"] <= bound and s["top1"] >= 0.99, report.table()
     assert report and json.loads((out / "verify.json").read_text())["passed"]
 
 
@@ -133,7 +132,8 @@ def test_export_writes_nothing_on_failure(make_ckpt, tmp_path, monkeypatch):
     import rwkv_deploy.exporters.export as ex
 
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir()  # an earlier export (--force replaces only those)
+    (out / "manifest.json").write_text('{"format": "rwkv-deploy/1"}')
     (out / "keep.txt").write_text("precious")
 
     def boom(*a, **k):
@@ -180,4 +180,4 @@ def test_fp16_rescales_the_residual_of_deep_models(make_ckpt, tmp_path, version)
     out = export(make_ckpt(version, n_layer=7), tmp_path / "o", precision="fp16")
     assert json.loads((out / "manifest.json").read_text())["rescale_every"] == 6
     report = verify(out, steps=64, batch=4)
-    assert report and report.free_running.summary()["normalised"] <= 2e-2, report.table()
+    assert report and report.summaries()["free-running"]["export_worst"] <= 2e-2, report.table()

@@ -1,7 +1,7 @@
 """The RWKV World tokenizer against the vectors of spec §9."""
 import pytest
 
-from rwkv_deploy.runtime.tokenizer import WorldTokenizer, world_vocab_path
+from rwkv_deploy.runtime.tokenizer import world_vocab_path
 
 VECTORS = {
     "The Eiffel tower is in the city of": [6699, 304, 25740, 109, 39990, 4600, 4596, 22590, 30449, 4706],
@@ -11,12 +11,6 @@ VECTORS = {
 }
 
 
-@pytest.fixture(scope="module")
-def world():
-    path = world_vocab_path()
-    if path is None:
-        pytest.skip("the rwkv package (which ships the World vocabulary) is not installed")
-    return WorldTokenizer(path)
 
 
 @pytest.mark.parametrize("text", VECTORS)

@@ -7,6 +7,7 @@ at build time and never committed. `--ort-include DIR` uses headers you already 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -30,11 +31,62 @@ CUDA_OPS_LIB_NAME = "librwkv_ops_cuda.so"
 CUDA_SOURCE = Path(__file__).parent / "cuda" / "wkv_kernels.cu"
 CUDA_LIB_NAME = "librwkv_cuda.so"
 CUDA_ARCHS = ("75", "80", "86", "89", "90")
+TRUSTED = "trusted.json"  # in cache_dir()/ops: {"libraries": {sha256: path}} of every library built here
 
 
 def cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "rwkv-deploy"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _trusted_file() -> Path:
+    return cache_dir() / "ops" / TRUSTED
+
+
+def _read_trusted() -> dict[str, str]:
+    try:
+        libs = json.loads(_trusted_file().read_text()).get("libraries", {})
+        return libs if isinstance(libs, dict) else {}
+    except (OSError, ValueError, AttributeError):  # none recorded yet, or a damaged file: trust nothing from it
+        return {}
+
+
+def _record_trusted(lib: Path) -> Path:
+    """Remember the sha256 of a library this installation built, so that export folders carrying a copy open.
+
+    Two builds at once may each miss the other's entry; is_trusted_library also hashes the cached builds, so a
+    lost entry only costs a hash.
+    """
+    from ..runtime.manifest import write_json_atomic
+
+    libs = _read_trusted()
+    digest = file_sha256(lib)
+    if libs.get(digest) != str(lib):
+        libs[digest] = str(lib)
+        try:
+            write_json_atomic(_trusted_file(), {"libraries": libs})
+        except OSError as e:  # a read-only cache: the library is still counted while it stays cached
+            log.warning("could not record %s as trusted in %s (%s)", lib.name, _trusted_file(), e)
+    return lib
+
+
+def is_trusted_library(path: Path) -> bool:
+    """True if `path` has the sha256 of a library this installation built: recorded in trusted.json, or still
+    in the build cache (builds of earlier sources included, so that older fused exports keep opening)."""
+    digest = file_sha256(path)
+    if digest in _read_trusted():
+        return True
+    size = path.stat().st_size
+    cached = (c for name in (LIB_NAME, CUDA_OPS_LIB_NAME, CUDA_LIB_NAME) for c in (cache_dir() / "ops").glob(f"*/{name}"))
+    return any(c.is_file() and c.stat().st_size == size and file_sha256(c) == digest for c in cached)
 
 
 def _cached(name: str, *sources: Path) -> Path:
@@ -82,7 +134,7 @@ def build_library(force: bool = False, ort_include: str | Path | None = None, cu
     """
     lib = library_path(cuda)
     if lib.exists() and not force:
-        return lib
+        return _record_trusted(lib)  # built before trust was recorded, or the record was lost
     include = Path(ort_include) if ort_include else fetch_headers()
     flags = [f"-I{include}", f'-DRWKV_DEPLOY_VERSION="{__version__}"']
     if cuda:
@@ -105,7 +157,7 @@ def _compile(cmd: list[str], lib: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise RWKVDeployError(f"{Path(cmd[0]).name} failed on {Path(cmd[-1]).name}:\n{r.stderr[-2000:]}")
     os.replace(tmp, lib)
-    return lib
+    return _record_trusted(lib)
 
 
 def library_version(path: Path) -> str:
@@ -120,7 +172,7 @@ def build_cuda_library(force: bool = False) -> Path:
     """The CUDA kernels alone (cuda/wkv_kernels.cu, C launchers) as a shared library, for tests and a TRT plugin."""
     lib = _cached(CUDA_LIB_NAME, CUDA_SOURCE)
     if lib.exists() and not force:
-        return lib
+        return _record_trusted(lib)
     return _compile([_nvcc(), "-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
                      *_gencode(), str(CUDA_SOURCE)], lib)
 

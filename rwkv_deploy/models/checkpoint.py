@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pickle
 import re
+import stat
 import warnings
 import zipfile
 from collections import Counter
@@ -32,6 +34,9 @@ UNSUPPORTED = [
     (r"head_q|head_k|^tiny_|pos_emb", "an RWKV-LM training option not in the recurrent model (key '{key}')"),
     (r"time_maa_rkvw", "an RWKV-6.0b/c research variant (key '{key}'), which is not supported"),
 ]
+
+# Storage dtypes the reference converts from; anything else (fp8, integer, complex, quantized) is refused by name
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Hugging Face RWKV-4 names -> BlinkDL names (spec §3)
 HF_RENAMES = [
@@ -84,21 +89,36 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise RWKVDeployError(f"checkpoint not found: {path}")
-    tokenizer = None
-    if path.is_dir():
-        sd, tokenizer, rescale = _read_hf_folder(path)
-        ckpt = _validate(path, "hf", sd, tokenizer)
-        ckpt.rescale_every = rescale
-        if rescale:
-            ckpt.notes.append(f"Hugging Face config rescale_every={rescale}: the reference halves the residual "
-                              "stream as transformers does in eval mode")
-        return ckpt
-    fmt, sd = _read_file(path)
-    return _validate(path, fmt, sd, tokenizer)
+    try:
+        if path.is_dir():
+            sd, tokenizer, rescale = _read_hf_folder(path)
+            ckpt = _validate(path, "hf", sd, tokenizer)
+            ckpt.rescale_every = rescale
+            if rescale:
+                ckpt.notes.append(f"Hugging Face config rescale_every={rescale}: the reference halves the residual "
+                                  "stream as transformers does in eval mode")
+            return ckpt
+        fmt, sd = _read_file(path)
+        return _validate(path, fmt, sd, None)
+    except OSError as e:  # EACCES, EISDIR, EIO...: the file, not the program, is the problem
+        raise RWKVDeployError(f"cannot read {e.filename or path}: {e.strerror or e}") from e
+
+
+def _regular_file(path: Path) -> int:
+    """Refuse FIFOs, devices and sockets before opening them: reading one would hang or never end. Then open it
+    once, so that a permission error names this file rather than surfacing inside a loader. Returns its size."""
+    st = os.stat(path)  # follows symlinks: a link to a regular file is fine
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or
+                stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise RWKVDeployError(f"{path} is {kind}; expected a regular file")
+    open(path, "rb").close()
+    return st.st_size
 
 
 def _read_file(path: Path) -> tuple[str, dict]:
-    size = path.stat().st_size
+    size = _regular_file(path)
     if size == 0:
         raise RWKVDeployError(f"{path} is empty (0 bytes); expected a .pth or .safetensors checkpoint")
     with open(path, "rb") as fh:
@@ -150,16 +170,25 @@ def _read_hf_folder(path: Path) -> tuple[dict, Path | None, int]:
     if not cfg.exists():
         raise RWKVDeployError(f"{path} is a folder without config.json; pass a Hugging Face RWKV-4 model folder "
                               "or a checkpoint file")
+    _regular_file(cfg)
     try:
         config = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RWKVDeployError(f"{cfg} is not valid JSON ({e})")
+    if not isinstance(config, dict):
+        raise RWKVDeployError(f"{cfg} holds a JSON {type(config).__name__}; expected an object "
+                              '({"model_type": "rwkv", ...})')
     if config.get("model_type") != "rwkv":
         raise RWKVDeployError(f"{cfg} has model_type {config.get('model_type')!r}; only Hugging Face RWKV-4 "
                               "folders (model_type 'rwkv') are supported")
     shards = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not shards:
         raise RWKVDeployError(f"{path} has no weights: expected model.safetensors or pytorch_model.bin beside config.json")
+    for f in shards:
+        _regular_file(f)
+    tok = path / "tokenizer.json"
+    if tok.exists():
+        _regular_file(tok)  # export copies it: a FIFO there would hang the copy
     raw: dict = {}
     for f in shards:
         part = _read_safetensors(f) if f.suffix == ".safetensors" else _torch_load(f)
@@ -169,31 +198,30 @@ def _read_hf_folder(path: Path) -> tuple[dict, Path | None, int]:
         for pat, rep in HF_RENAMES:
             k = re.sub(pat, rep, k)
         sd[k] = t
-    tok = path / "tokenizer.json"
     return sd, (tok if tok.exists() else None), int(config.get("rescale_every") or 0)
 
 
 def _validate(path: Path, fmt: str, sd, tokenizer) -> Checkpoint:
     if not isinstance(sd, dict) or not sd:
         raise RWKVDeployError(f"{path} holds a {type(sd).__name__}, not a state dict of tensors")
+    # known variants first, by key name: a file ChatRWKV converted also holds strings and int8 tensors
+    for k in sd:
+        for pat, what in UNSUPPORTED:
+            if isinstance(k, str) and re.search(pat, k):
+                raise RWKVDeployError(f"{path} is {what.format(key=k)}")
     bad = [k for k, t in sd.items() if not isinstance(k, str) or not isinstance(t, Tensor)]
     if bad:
         raise RWKVDeployError(f"{path} is not a state dict of tensors (entry {bad[0]!r} is a "
                               f"{type(sd[bad[0]]).__name__})")
-    for k in sd:
-        for pat, what in UNSUPPORTED:
-            if re.search(pat, k):
-                raise RWKVDeployError(f"{path} is {what.format(key=k)}")
+    for k, t in sd.items():
+        _check_tensor(path, k, t)
     if "emb.weight" not in sd or "head.weight" not in sd:
         sample = ", ".join(list(sd)[:4])
         raise RWKVDeployError(f"{path} is not an RWKV checkpoint: no 'emb.weight'/'head.weight' (keys start: {sample})")
     if sd["emb.weight"].dim() != 2:
         raise RWKVDeployError(f"'emb.weight' has shape {list(sd['emb.weight'].shape)}; expected [vocab, n_embd]")
     V, C = sd["emb.weight"].shape
-    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if not layers:
-        raise RWKVDeployError(f"{path} is not an RWKV checkpoint: no 'blocks.N.*' keys")
-    L = max(layers) + 1
+    L = _layer_count(path, sd)
     version = detect_version(sd)
     V_ = VERSIONS[version]
     for key in ("blocks.0.att.key.weight", "blocks.0.ffn.key.weight"):
@@ -224,13 +252,43 @@ def _validate(path: Path, fmt: str, sd, tokenizer) -> Checkpoint:
             raise RWKVDeployError(f"{path}: unexpected key '{key}' for RWKV-{version}; this variant is not supported")
         weights[key] = _canonical(path, key, sd[key], optional[key])
     for key, t in weights.items():
-        if not t.is_floating_point():
-            raise RWKVDeployError(f"{path}: '{key}' has dtype {t.dtype}; expected floating-point weights")
         if not bool(torch.isfinite(t).all()):
             raise RWKVDeployError(f"{path}: '{key}' contains NaN or Inf values; the checkpoint is damaged")
     notes = _notes(d, weights, sd)
     log.debug("loaded %s: RWKV-%s, %d layers, n_embd %d", path, version, L, C)
     return Checkpoint(path, fmt, weights, d, notes, tokenizer)
+
+
+def _check_tensor(path: Path, key: str, t: Tensor) -> None:
+    """Dense, materialised, plain floating-point tensors only; checked before any arithmetic touches them."""
+    if t.is_meta:
+        raise RWKVDeployError(f"{path}: '{key}' is a meta tensor (shape only, no values); the checkpoint was saved "
+                              "from a model that was never loaded. Save the real weights")
+    if t.layout != torch.strided:
+        raise RWKVDeployError(f"{path}: '{key}' has layout {t.layout}; expected dense tensors (save t.to_dense())")
+    if t.is_quantized or t.dtype not in FLOAT_DTYPES:
+        raise RWKVDeployError(f"{path}: '{key}' has dtype {t.dtype}; expected float16, bfloat16, float32 or float64 "
+                              "weights")
+
+
+def _layer_count(path: Path, sd: dict) -> int:
+    """L from the 'blocks.N.*' keys, which must number exactly 0..L-1. Checked before anything loops over layers:
+    one stray 'blocks.1000000.*' key once drove a loop (and its allocations) up to that index."""
+    first_key: dict[int, str] = {}
+    for k in sd:
+        if m := re.match(r"blocks\.(\d+)\.", k):
+            digits = m.group(1)
+            # int() refuses > 4300 digits; any index this long is past the end anyway
+            first_key.setdefault(int(digits) if len(digits) <= 12 else 10 ** 12, k)
+    if not first_key:
+        raise RWKVDeployError(f"{path} is not an RWKV checkpoint: no 'blocks.N.*' keys")
+    L = len(first_key)
+    if max(first_key) != L - 1:  # L distinct indices >= 0 are exactly 0..L-1 iff the largest is L-1
+        missing = min(i for i in range(L) if i not in first_key)
+        stray = first_key[max(first_key)]
+        raise RWKVDeployError(f"{path}: the layers are not numbered 0..N-1: layer {missing} has no 'blocks.{missing}.*' "
+                              f"keys, yet '{stray[:80]}' names a later layer")
+    return L
 
 
 def _canonical(path: Path, key: str, t: Tensor, shape: tuple[int, ...]) -> Tensor:

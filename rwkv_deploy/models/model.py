@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import RWKVDeployError
+from ..errors import RWKVDeployError, check_batch
 from .checkpoint import Checkpoint, load_checkpoint
 from .common import Dims, Params, StateKind, layer_norm
 from .versions import VERSIONS
@@ -100,6 +100,7 @@ class RWKV(nn.Module):
 
     def init_state(self, batch: int = 1) -> list[Tensor]:
         """The initial state on the model's device (zeros, v4 pp = -1e30, or the tuned time_state)."""
+        batch = check_batch(batch)
         out = []
         for s in self.states:
             init = self.version.initial_wkv_state(self.blocks[s.layer], s.kind) if s.kind.name == "S" else None

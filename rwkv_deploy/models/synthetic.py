@@ -83,6 +83,16 @@ def make_checkpoint(version: str, n_layer: int = 2, n_embd: int = 64, head_size:
     return {k: t.to(dtype).contiguous() for k, t in sd.items()}
 
 
+def corrupt_matrix(sd: dict[str, Tensor], key: str, fraction: float = 0.01, seed: int = 1) -> dict[str, Tensor]:
+    """A copy of `sd` with `fraction` of `key`'s entries replaced by fresh values of the same scale: the damage a
+    parity certificate must catch (a bad conversion, a flipped block of a file)."""
+    t = sd[key].clone()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(t.numel(), generator=g)[: max(1, int(t.numel() * fraction))]
+    t.view(-1)[idx] = (torch.randn(len(idx), generator=g) * t.float().std()).to(t.dtype)
+    return {**sd, key: t}
+
+
 def save_checkpoint(sd: dict[str, Tensor], path) -> None:
     """As .pth (torch.save) or, by suffix, .safetensors; written to a temporary name, then renamed."""
     path = Path(path)

@@ -2,16 +2,16 @@
 
 `wkv4`, `wkv5`, `wkv7` take one token per batch row. `run_wkv*` take whole sequences [B, T, ...]: with T = 1
 (the decode step) they call the cell directly; otherwise a TorchScript loop (over 16-token chunks in closed
-form for v4, v5.x and v6; over tokens for v7), which the ONNX exporter turns into an ONNX `Loop` whose trip
-count is the graph's dynamic sequence length. The reference model, the ONNX exports (traced), the custom-op
-reference kernels and the tests all call these.
+form for v4, v5.x and v6, the first chunk shorter when T is not a multiple of 16; over tokens for v7), which the
+ONNX exporter turns into an ONNX `Loop` whose trip count follows the graph's dynamic sequence length. The
+reference model, the ONNX exports (traced), the custom-op reference kernels and the tests all call these.
 Shapes: B batch, T tokens, A attention width, H heads, N head size.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
@@ -113,33 +113,79 @@ def wkv5_chunk(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor)
 
 CHUNK = 16
 
-# The loops take the trip count as a tensor made by a Shape op: an int would be frozen into the graph.
+# The sequence loops below are exported as ONNX Loops that TensorRT(-RTX) must parse and build, and that ONNX
+# Runtime must run fast. What that rules out, and what they do instead:
+# - lists (`ys.append(y)`, `torch.cat(ys)`) become Sequence ops, which TensorRT's parser rejects: outputs go
+#   into a tensor allocated before the loop, one row per iteration (ScatterND).
+# - a shape that changes from one iteration to the next (a shorter last chunk, even a Slice that starts at the
+#   loop counter) fails TensorRT's builder: the chunked loops see whole chunks only, [n, B, CHUNK, ...], and the
+#   short chunk, when T is not a multiple of CHUNK, is the FIRST one and runs before the loop.
+# - a Gather from an empty axis fails TensorRT's shape checks even in a loop that runs zero times: the chunks
+#   carry one spare chunk of zeros that no iteration reads.
+# - `x[:, t]` inside the loop exports as a copy of all of x then a Gather, every iteration: the loops index
+#   time-major tensors (`xt[t]`, one Gather) and write time-major outputs (`ys[t] = y`, one-row ScatterND).
+# The trip count is a tensor made by a Shape op: an int would be frozen into the graph.
+
+@_script
+def _head(T: int, chunk: int) -> int:
+    """Length of the chunk that runs before the loop: 1..chunk, so that the rest is whole chunks."""
+    return (T - 1) % chunk + 1
+
+
+@_script
+def _chunks(x: Tensor, start: int, chunk: int) -> Tensor:
+    """x[:, start:] [B, T', ...] as T' // chunk whole chunks plus a spare one of zeros: [T' // chunk + 1, B, chunk, ...]."""
+    rest = x[:, start:]
+    B, n = rest.shape[0], rest.shape[1] // chunk
+    spare = rest.new_zeros([B, chunk] + rest.shape[2:])
+    return torch.cat([rest, spare], 1).reshape([B, n + 1, chunk] + rest.shape[2:]).transpose(0, 1)
+
+
+@_script
+def _unchunk(y0: Tensor, ys: Tensor) -> Tensor:
+    """The head chunk's y0 [B, h, ...] and the loop's ys [n + 1, B, chunk, ...] as one [B, h + n * chunk, ...]."""
+    n1, B, chunk = ys.shape[0], ys.shape[1], ys.shape[2]
+    # reshaped with the spare chunk, then cut: in a reshape to n * chunk = 0 tokens, ONNX reads 0 as "copy that dim"
+    flat = ys.transpose(0, 1).reshape([B, n1 * chunk] + ys.shape[3:])  # [B, (n + 1) * chunk, ...]
+    return torch.cat([y0, flat[:, :(n1 - 1) * chunk]], 1)
+
+
 @_script
 def _wkv4_seq(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor, steps: Tensor,
               chunk: int):
-    ys: List[Tensor] = []
-    for c in range(0, int(steps), chunk):
-        y, aa, bb, pp = wkv4_chunk(w, u, k[:, c:c + chunk], v[:, c:c + chunk], aa, bb, pp)
-        ys.append(y)
-    return torch.cat(ys, 1), aa, bb, pp
+    T = int(steps)
+    h = _head(T, chunk)
+    y0, aa, bb, pp = wkv4_chunk(w, u, k[:, :h], v[:, :h], aa, bb, pp)  # [B, h, A]
+    ks, vs = _chunks(k, h, chunk), _chunks(v, h, chunk)  # [n + 1, B, chunk, A]
+    ys = y0.new_zeros(ks.shape)
+    for i in range((T - h) // chunk):
+        y, aa, bb, pp = wkv4_chunk(w, u, ks[i], vs[i], aa, bb, pp)
+        ys[i] = y
+    return _unchunk(y0, ys), aa, bb, pp  # [B, T, A]
 
 
 @_script
 def _wkv5_seq(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor, steps: Tensor, chunk: int):
-    ys: List[Tensor] = []
-    for c in range(0, int(steps), chunk):
-        y, S = wkv5_chunk(r[:, c:c + chunk], k[:, c:c + chunk], v[:, c:c + chunk], w[:, c:c + chunk], u, S)
-        ys.append(y)
-    return torch.cat(ys, 1), S
+    T = int(steps)
+    h = _head(T, chunk)
+    y0, S = wkv5_chunk(r[:, :h], k[:, :h], v[:, :h], w[:, :h], u, S)  # [B, h, H, N]
+    rs, ks, vs, ws = _chunks(r, h, chunk), _chunks(k, h, chunk), _chunks(v, h, chunk), _chunks(w, h, chunk)
+    ys = y0.new_zeros(rs.shape)  # [n + 1, B, chunk, H, N]
+    for i in range((T - h) // chunk):
+        y, S = wkv5_chunk(rs[i], ks[i], vs[i], ws[i], u, S)
+        ys[i] = y
+    return _unchunk(y0, ys), S  # [B, T, H, N]
 
 
 @_script
 def _wkv7_seq(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor, steps: Tensor):
-    ys: List[Tensor] = []
+    rt, wt, kt = r.transpose(0, 1), w.transpose(0, 1), k.transpose(0, 1)  # [T, B, H, N]
+    vt, at, bt = v.transpose(0, 1), a.transpose(0, 1), b.transpose(0, 1)
+    ys = torch.zeros_like(rt, dtype=S.dtype)
     for t in range(int(steps)):
-        y, S = wkv7(r[:, t], w[:, t], k[:, t], v[:, t], a[:, t], b[:, t], S)
-        ys.append(y)
-    return torch.stack(ys, 1), S
+        y, S = wkv7(rt[t], wt[t], kt[t], vt[t], at[t], bt[t], S)
+        ys[t] = y
+    return ys.transpose(0, 1), S  # [B, T, H, N]
 
 
 def _steps(x: Tensor) -> Tensor:

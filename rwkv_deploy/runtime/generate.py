@@ -1,11 +1,13 @@
 """Sampling and streaming generation over any session with init_state/step/forward. numpy only."""
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
 
 from ..errors import RWKVDeployError
+from .tokenizer import TextStream
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_p: float = 0.85) -> int:
@@ -22,33 +24,47 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.
     return int(keep[rng.choice(len(keep), p=q)])
 
 
+def check_prompt(prompt: str) -> None:
+    """Reject text that cannot be encoded. On Linux, command-line bytes that are not UTF-8 reach Python as lone
+    surrogates ('\\udcff' for byte 0xff), which no tokenizer can encode."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(prompt[e.start])
+        what = f"byte {bad - 0xDC00:#04x}" if 0xDC80 <= bad <= 0xDCFF else f"character U+{bad:04X}"
+        raise RWKVDeployError(f"the prompt is not valid UTF-8 ({what} at position {e.start}); pass UTF-8 text")
+
+
 def generate(session, prompt: str, max_tokens: int = 100, temperature: float = 1.0, top_p: float = 0.85,
              seed: int | None = None, stop_at_eos: bool = True) -> Iterator[str]:
-    """Yield decoded text pieces as they become valid UTF-8. Reproducible for a fixed seed."""
-    if temperature < 0 or not 0 < top_p <= 1 or max_tokens < 0:
-        raise RWKVDeployError(f"need temperature >= 0, 0 < top_p <= 1, max_tokens >= 0; got {temperature}, {top_p}, "
-                              f"{max_tokens}")
+    """Yield decoded text pieces as they become valid UTF-8. Reproducible for a fixed seed.
+
+    The pieces join to exactly the decoded text: a character split across tokens comes out whole, once its last
+    byte has been generated (see TextStream).
+    """
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1 or max_tokens < 0:
+        raise RWKVDeployError(f"need a finite temperature >= 0, 0 < top_p <= 1, max_tokens >= 0; got {temperature}, "
+                              f"{top_p}, {max_tokens}")
+    if seed is not None and not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2 ** 63):  # numpy: ValueError
+        raise RWKVDeployError(f"the seed must be an integer in [0, 2**63); got {seed}")
+    check_prompt(prompt)
     tok = session.get_tokenizer()
     ids = tok.encode(prompt)
     if not ids:
         raise RWKVDeployError("the prompt is empty; pass some text with --prompt")
     rng = np.random.default_rng(seed)
     logits, state = session.forward(np.array([ids]), session.init_state(1))
-    pending: list[int] = []
-    for _ in range(max_tokens):
-        nxt = sample(logits[0], rng, temperature, top_p)
+    stream = TextStream(tok)
+    for n in range(max_tokens):
+        # models have more logits than their tokenizer has ids (World: 65536 vs 65530): those are never sampled
+        nxt = sample(logits[0][:tok.vocab_size], rng, temperature, top_p)
         if nxt == 0 and stop_at_eos:  # id 0 is end-of-text in both RWKV vocabularies
             break
-        pending.append(nxt)
-        raw = tok.decode_bytes(pending)
-        try:
-            text = raw.decode("utf-8")
-            pending = []
-            yield text
-        except UnicodeDecodeError:
-            if len(pending) > 8:  # not going to become valid: emit with replacement characters
-                yield raw.decode("utf-8", errors="replace")
-                pending = []
-        logits, state = session.step(np.array([nxt]), state)
-    if pending:
-        yield tok.decode_bytes(pending).decode("utf-8", errors="replace")
+        piece = stream.push(nxt)
+        if piece:
+            yield piece
+        if n + 1 < max_tokens:  # the logits after the last token would never be used
+            logits, state = session.step(np.array([nxt]), state)
+    tail = stream.finish()
+    if tail:
+        yield tail

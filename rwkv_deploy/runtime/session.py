@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RWKVDeployError
+from ..errors import RWKVDeployError, check_batch
 from .manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
@@ -28,11 +28,17 @@ def default_providers() -> list[str]:
 
 
 class OnnxSession:
-    """`init_state(batch)` and `step(tokens, state) -> (logits [B, V] float32, state)` on numpy arrays."""
+    """`init_state(batch)` and `step(tokens, state) -> (logits [B, V] float32, state)` on numpy arrays.
 
-    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    trust_custom_ops=True loads the folder's custom-op library even if this installation did not build it
+    (loading a library runs its native code; see `_register_library`).
+    """
+
+    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None, *,
+                 trust_custom_ops: bool = False):
         ort = _ort()
         self.manifest: Manifest = read_manifest(folder)
+        self.trust_custom_ops = trust_custom_ops
         self.folder = Path(folder)
         self.states = self.manifest.state
         self.vocab_size = int(self.manifest["vocab_size"])
@@ -42,25 +48,35 @@ class OnnxSession:
             opts.intra_op_num_threads = threads
         self.providers = providers or default_providers()
         self._register_library(opts)
-        step = self.manifest.graph("step")
-        self._step = self._open(ort, step, opts)
-        self._prefill = self._open(ort, self.manifest.graph("prefill"), opts) if "prefill" in self.manifest["graphs"] else None
+        self._step = self._open(ort, "step", opts)
+        self._prefill = self._open(ort, "prefill", opts) if "prefill" in self.manifest["graphs"] else None
         self.tokenizer = None
 
     def _register_library(self, opts) -> None:
+        """Load the folder's custom-op library, but only one this installation built, unless trusted explicitly.
+
+        Loading a shared library runs its constructors: an export folder from elsewhere must not run native
+        code just by being opened. Every check here reads bytes; nothing is loaded before they all pass.
+        """
         lib = self.manifest.get("custom_op_library")
         if not lib:
             return
-        from ..custom_ops.build import library_version
+        from ..custom_ops.build import file_sha256, is_trusted_library, library_version
 
-        path = Path(lib["path"]) if Path(lib["path"]).is_absolute() else self.folder / lib["path"]
+        path = self.manifest.path("custom_op_library.path", lib["path"])
         how = "rebuild it with `rwkv-deploy build-ops` and re-export with --wkv fused (or export with --wkv portable)"
-        if not path.exists():
+        if not path.is_file():
             raise RWKVDeployError(f"this export needs the rwkv custom-op library {path}, which is missing; {how}")
         built = library_version(path)
         if built != lib.get("rwkv_deploy_version"):
             raise RWKVDeployError(f"{path} was built by rwkv-deploy {built}, the manifest expects "
                                   f"{lib.get('rwkv_deploy_version')}; {how}")
+        if not self.trust_custom_ops and not is_trusted_library(path):
+            raise RWKVDeployError(
+                f"{path} (sha256 {file_sha256(path)[:16]}…) is a custom-op library that this installation did not "
+                "build, so it was not loaded: loading it would run its native code. If you trust where this export "
+                "folder came from, pass --trust-custom-ops (Python: open_session(folder, trust_custom_ops=True)); "
+                f"otherwise {how}")
         try:
             opts.register_custom_ops_library(str(path))
         except Exception as e:  # onnxruntime's own error types
@@ -69,10 +85,16 @@ class OnnxSession:
         if "CPUExecutionProvider" not in self.providers:
             self.providers = [*self.providers, "CPUExecutionProvider"]
 
-    def _open(self, ort, graph: dict, opts):
-        path = self.folder / graph["file"]
-        if not path.exists():
+    def _open(self, ort, name: str, opts):
+        graph = self.manifest.graph(name)
+        path = self.manifest.path(f"graphs.{name}.file", graph["file"])
+        if not path.is_file():
             raise RWKVDeployError(f"{path} is missing; the export folder is incomplete, re-export it")
+        if graph.get("external_data"):
+            data = self.manifest.path(f"graphs.{name}.external_data", graph["external_data"])
+            if not data.is_file():
+                raise RWKVDeployError(f"{data} (the weights of {path.name}) is missing; the export folder is "
+                                      "incomplete, re-export it")
         try:
             sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types
@@ -81,7 +103,8 @@ class OnnxSession:
         return sess
 
     def _check_io(self, sess, graph: dict, path: Path) -> None:
-        """The manifest and the graph must agree on names and dtypes, or every client would misbehave."""
+        """The manifest and the graph must agree on names, dtypes and state shapes, or every client would
+        misbehave; checked here so that a mismatch is an error before anything runs or prints."""
         ins = {i.name: ORT_TYPES.get(i.type, i.type) for i in sess.get_inputs()}
         outs = {o.name: ORT_TYPES.get(o.type, o.type) for o in sess.get_outputs()}
         want_in = {graph["tokens"]: "int64", **{s.input: s.dtype for s in self.states}}
@@ -90,9 +113,16 @@ class OnnxSession:
             if want != got:
                 diff = sorted(set(want.items()) ^ set(got.items()))[:3]
                 raise RWKVDeployError(f"{path} does not match manifest.json: {kind}s differ ({diff}); re-export the model")
+        shapes = {a.name: a.shape for a in (*sess.get_inputs(), *sess.get_outputs())}
+        for s in self.states:
+            for name in (s.input, s.output):
+                if not _same_shape(shapes[name], s.shape):
+                    raise RWKVDeployError(f"{path} does not match manifest.json: state {name} is "
+                                          f"{_show(shapes[name])} in the graph, {_show(s.shape)} in the manifest; "
+                                          "re-export the model")
 
     def init_state(self, batch: int = 1) -> list[np.ndarray]:
-        return [s.initial(self.folder, batch) for s in self.states]
+        return [s.initial(self.folder, check_batch(batch)) for s in self.states]
 
     def check_inputs(self, tokens: np.ndarray, state: list[np.ndarray], seq: bool = False) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -157,9 +187,28 @@ class OnnxSession:
             entry = self.manifest.get("tokenizer")
             if not entry:
                 raise RWKVDeployError(f"{self.folder} has no tokenizer; re-export with --tokenizer FILE")
-            self.tokenizer = load_tokenizer(self.folder / entry["file"], entry["kind"])
+            self.tokenizer = load_tokenizer(self.manifest.path("tokenizer.file", entry["file"]), entry["kind"])
         return self.tokenizer
 
 
-def open_session(folder: str | Path, providers: list[str] | None = None, threads: int | None = None) -> OnnxSession:
-    return OnnxSession(folder, providers, threads)
+def _same_shape(graph_shape, manifest_shape: list) -> bool:
+    """Same rank, and the same size wherever the graph fixes one (symbolic dims, like the batch, match anything).
+
+    The first dimension is the batch: the schema makes it "batch" in the manifest, and the graph may name it.
+    """
+    if not graph_shape:  # ONNX Runtime reports an unknown rank as [] (state tensors are never scalars)
+        return True
+    if len(graph_shape) != len(manifest_shape):
+        return False
+    return all(not isinstance(g, int) or g == m for g, m in zip(graph_shape[1:], manifest_shape[1:]))
+
+
+def _show(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def open_session(folder: str | Path, providers: list[str] | None = None, threads: int | None = None, *,
+                 trust_custom_ops: bool = False) -> OnnxSession:
+    """Open an export folder with ONNX Runtime; trust_custom_ops=True allows a custom-op library that this
+    installation did not build (it runs native code)."""
+    return OnnxSession(folder, providers, threads, trust_custom_ops=trust_custom_ops)

@@ -1,4 +1,11 @@
-"""Step-by-step parity of an export against the PyTorch reference (design.md §5)."""
+"""Step-by-step parity of an export, measured against exact math (design.md §5).
+
+Every step runs three models on the same tokens: a float64 reference (exact math, for our purposes), the
+export, and our PyTorch reference at the export's own precision (same weights, same fp32 islands). The export
+passes when it is no further from float64 than that reference is, within a stated factor: a fixed fp32-vs-fp32
+threshold fails correct exports at real sizes, because fp32 arithmetic itself drifts by more than any small
+constant there (design.md §5).
+"""
 from __future__ import annotations
 
 import logging
@@ -14,155 +21,299 @@ from ..runtime.manifest import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-# max|Δlogit|/std(ref) bound and minimum top-1 agreement, by export precision
-TOLERANCES = {"fp32": {"normalised": 1e-5, "top1": 0.99}, "fp16": {"normalised": 2e-2, "top1": 0.99}}
+
+@dataclass(frozen=True)
+class Gate:
+    """The verdict's rule for one precision. Distances are from the float64 reference."""
+
+    typical: float  # export median-over-steps distance <= typical x the reference's
+    worst: float  # export worst-step distance <= worst x the reference's
+    floor: float  # a distance this small always passes (a few roundings at this precision)
+    cap: float  # a distance this large always fails, whatever the reference does
+    state_floor: float  # the same three for the state (max|Δ| / max|float64| over tensors)
+    state_cap: float
+    top1: float = 0.99  # agreement with float64's top token; near-ties within the allowed distance count
+
+    def rule(self) -> str:
+        return (f"export distance from float64 <= {self.typical:g}x the reference's (median step) and "
+                f"<= {self.worst:g}x (worst step), or <= {self.floor:g}; never > {self.cap:g}; state likewise "
+                f"(floor {self.state_floor:g}, cap {self.state_cap:g}); top-1 vs float64 >= {self.top1:.0%} "
+                "(near-ties within the allowed distance count as agreement)")
+
+
+# Measured at 12x768: equally correct fp32 implementations (ONNX Runtime, PyTorch at batch 1 or 2, the fused
+# kernel) sit 1e-6..3e-5 from float64 and their worst steps differ by up to 4x, from single ill-conditioned
+# steps (a head whose output variance is far below GroupNorm's eps); medians agree within 1.5x. fp16: 1e-3..3e-2.
+GATES = {
+    "fp32": Gate(typical=3, worst=8, floor=1e-5, cap=1e-3, state_floor=1e-5, state_cap=1e-3),
+    "fp16": Gate(typical=3, worst=8, floor=1e-3, cap=0.25, state_floor=2e-3, state_cap=0.1),
+}
+REFERENCE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def normalised(ours: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """max|Δlogit| / std(exact logits) per row (BlinkDL's metric): [B, V] -> [B]."""
+    return np.abs(ours.astype(np.float64) - exact).max(-1) / exact.std(-1)
+
+
+def state_distance(ours, exact) -> float:
+    """Worst over tensors of max|Δ| / max|exact|."""
+    return max(float(np.abs(np.asarray(o, np.float64) - e).max() / (np.abs(e).max() + 1e-12))
+               for o, e in zip(ours, exact))
 
 
 @dataclass
 class ModeResult:
-    """One mode (free-running or teacher-forced) over all steps."""
+    """One mode (free-running or teacher-forced): per step, distances from float64 of the export and of the
+    reference at the export's precision."""
 
-    max_abs: list[float] = field(default_factory=list)  # per step, worst over the batch
-    normalised: list[float] = field(default_factory=list)  # per step: max|Δ| / std(ref logits)
-    top1: list[float] = field(default_factory=list)  # per step: fraction of rows with the same argmax
-    # per step: same argmax, or the reference itself cannot tell the two tokens apart at the tolerance
-    # (its logits for them differ by less than tol*std): a near-tie flip is not a parity failure
-    top1_ties: list[float] = field(default_factory=list)
-    top5: list[float] = field(default_factory=list)  # per step: |top5 ∩ top5_ref| / 5, mean over rows
-    state_rel: list[float] = field(default_factory=list)  # per step: max over tensors of max|Δ| / max|ref|
+    export: list[float] = field(default_factory=list)  # per step: worst row's |Δ|/std
+    reference: list[float] = field(default_factory=list)
+    max_abs: list[float] = field(default_factory=list)  # per step: export's max|Δlogit|
+    top1: list[float] = field(default_factory=list)  # per step: fraction of rows whose argmax is float64's
+    gap: list[list[float]] = field(default_factory=list)  # per step and row: float64's margin of its top token
+    # over the export's pick, / std: 0 when they agree; a small margin is a near-tie, not an error
+    top5: list[float] = field(default_factory=list)
+    state_export: list[float] = field(default_factory=list)
+    state_reference: list[float] = field(default_factory=list)
 
-    def add(self, ours: np.ndarray, ref: np.ndarray, s_ours, s_ref, tol: float) -> None:
-        d = np.abs(ours.astype(np.float64) - ref)
-        self.max_abs.append(float(d.max()))
-        self.normalised.append(float((d.max(-1) / ref.std(-1)).max()))
+    def add(self, ours: np.ndarray, ref: np.ndarray, exact: np.ndarray, s_ours, s_ref, s_exact) -> None:
+        self.export.append(float(normalised(ours, exact).max()))
+        self.reference.append(float(normalised(ref, exact).max()))
+        self.max_abs.append(float(np.abs(ours.astype(np.float64) - exact).max()))
         pick = ours.argmax(-1)
-        self.top1.append(float((pick == ref.argmax(-1)).mean()))
-        gap = ref.max(-1) - np.take_along_axis(ref, pick[:, None], -1)[:, 0]
-        self.top1_ties.append(float((gap <= tol * ref.std(-1)).mean()))
-        n = min(5, ref.shape[-1])  # the top-5 as sets: a partial sort finds them without ordering the vocabulary
-        t5o, t5r = np.argpartition(-ours, n - 1, -1)[:, :n], np.argpartition(-ref, n - 1, -1)[:, :n]
-        self.top5.append(float(np.mean([len(set(a) & set(b)) / n for a, b in zip(t5o, t5r)])))
-        self.state_rel.append(max(float(np.abs(o.astype(np.float64) - r).max() / (np.abs(r).max() + 1e-6))
-                                  for o, r in zip(s_ours, s_ref)))
+        self.top1.append(float((pick == exact.argmax(-1)).mean()))
+        margin = exact.max(-1) - np.take_along_axis(exact, pick[:, None], -1)[:, 0]
+        self.gap.append((margin / exact.std(-1)).tolist())
+        n = min(5, exact.shape[-1])  # top-5 as sets: a partial sort finds them without ordering the vocabulary
+        t5o, t5e = np.argpartition(-ours, n - 1, -1)[:, :n], np.argpartition(-exact, n - 1, -1)[:, :n]
+        self.top5.append(float(np.mean([len(set(a) & set(b)) / n for a, b in zip(t5o, t5e)])))
+        self.state_export.append(state_distance(s_ours, s_exact))
+        self.state_reference.append(state_distance(s_ref, s_exact))
 
-    def summary(self) -> dict:
-        return {"max_abs": max(self.max_abs), "normalised": max(self.normalised), "top1": float(np.mean(self.top1)),
-                "top1_ties": float(np.mean(self.top1_ties)),
-                "top5": float(np.mean(self.top5)), "state_rel": max(self.state_rel)}
+    def allowed(self, gate: Gate) -> float:
+        """The largest worst-step logit distance this mode may show."""
+        return min(max(gate.worst * max(self.reference), gate.floor), gate.cap)
+
+    def summary(self, gate: Gate) -> dict:
+        med = lambda xs: float(np.median(xs))  # noqa: E731
+        ties = np.array(self.gap) <= self.allowed(gate)
+        return {"export_median": med(self.export), "export_worst": max(self.export),
+                "reference_median": med(self.reference), "reference_worst": max(self.reference),
+                "ratio_median": med(self.export) / max(med(self.reference), 1e-300),
+                "ratio_worst": max(self.export) / max(max(self.reference), 1e-300),
+                "state_export": max(self.state_export), "state_reference": max(self.state_reference),
+                "max_abs": max(self.max_abs), "top1": float(np.mean(self.top1)), "top1_ties": float(ties.mean()),
+                "top5": float(np.mean(self.top5)),
+                # kept under the names of the first certificate format: the export's worst distance
+                "normalised": max(self.export)}
+
+    def failures(self, name: str, gate: Gate) -> list[str]:
+        s, out = self.summary(gate), []
+        checks = [("logits", "median", s["export_median"], s["reference_median"], gate.typical, gate.floor, None),
+                  ("logits", "worst", s["export_worst"], s["reference_worst"], gate.worst, gate.floor, gate.cap),
+                  ("state", "worst", s["state_export"], s["state_reference"], gate.worst, gate.state_floor,
+                   gate.state_cap)]
+        for what, stat, ours, ref, factor, floor, cap in checks:
+            if cap is not None and not ours <= cap:
+                out.append(f"{name}: {what} {stat} distance from float64 {ours:.3g} > cap {cap:g}")
+            elif not ours <= max(factor * ref, floor):
+                out.append(f"{name}: {what} {stat} distance from float64 {ours:.3g} > {factor:g} x the reference's "
+                           f"{ref:.3g} (and > floor {floor:g})")
+        if s["top1_ties"] < gate.top1:
+            out.append(f"{name}: top-1 agreement with float64 {s['top1_ties']:.1%} (near-ties counted) < {gate.top1:.0%}")
+        return out
 
 
 @dataclass
 class Report:
-    """Truthy when every mode is within tolerance."""
+    """Truthy when both modes pass the gate of the export's precision."""
 
     precision: str
     backend: str
     steps: int
     batch: int
-    tolerance: dict
+    gate: Gate
     free_running: ModeResult
     teacher_forced: ModeResult
     seconds: float = 0.0
-    # with floor=True: max|Δ|/std of the float32 reference itself against float64, and of the export against
-    # float64 -- how much of the deviation fp32 arithmetic on this model allows at all
-    floor: dict | None = None
+    reference: str = ""  # what the export was held against, in words
+    notes: list[str] = field(default_factory=list)
+
+    def modes(self):
+        return (("free-running", self.free_running), ("teacher-forced", self.teacher_forced))
+
+    def summaries(self) -> dict[str, dict]:
+        """{"free-running": ModeResult.summary, "teacher-forced": ...} under this report's gate."""
+        return {name: mode.summary(self.gate) for name, mode in self.modes()}
 
     def failures(self) -> list[str]:
-        out = []
-        for name, mode in (("free-running", self.free_running), ("teacher-forced", self.teacher_forced)):
-            s = mode.summary()
-            if not s["normalised"] <= self.tolerance["normalised"]:
-                out.append(f"{name}: normalised deviation {s['normalised']:.3g} > {self.tolerance['normalised']:g}")
-            if s["top1_ties"] < self.tolerance["top1"]:
-                out.append(f"{name}: top-1 agreement {s['top1_ties']:.1%} (near-ties counted) < "
-                           f"{self.tolerance['top1']:.0%}")
-        return out
+        return [f for name, mode in self.modes() for f in mode.failures(name, self.gate)]
 
     def __bool__(self) -> bool:
         return not self.failures()
 
-    def would_pass_at(self) -> float:
-        return max(self.free_running.summary()["normalised"], self.teacher_forced.summary()["normalised"])
+    def largest_ratio(self) -> float:
+        """The largest ratio of export to reference distance (median or worst step) over both modes."""
+        s = [m.summary(self.gate) for _, m in self.modes()]
+        return max(max(x["ratio_median"], x["ratio_worst"]) for x in s)
 
     def to_json(self) -> dict:
         return {"passed": bool(self), "precision": self.precision, "backend": self.backend, "steps": self.steps,
-                "batch": self.batch, "tolerance": self.tolerance, "would_pass_at": self.would_pass_at(),
-                "failures": self.failures(), "seconds": self.seconds, "floor": self.floor,
-                "free_running": {"summary": self.free_running.summary(), "per_step": asdict(self.free_running)},
-                "teacher_forced": {"summary": self.teacher_forced.summary(), "per_step": asdict(self.teacher_forced)}}
+                "batch": self.batch, "reference": self.reference, "rule": self.gate.rule(), "gate": asdict(self.gate),
+                "largest_ratio": self.largest_ratio(), "failures": self.failures(), "notes": self.notes,
+                "seconds": self.seconds,
+                **{key: {"summary": m.summary(self.gate), "per_step": asdict(m)}
+                   for key, m in (("free_running", self.free_running), ("teacher_forced", self.teacher_forced))}}
 
     def table(self) -> str:
-        rows = [f"{'mode':<15} {'max|Δ|':>10} {'|Δ|/std':>10} {'top-1':>7} {'top-1*':>7} {'top-5':>7} {'state rel':>10}"]
-        for name, mode in (("free-running", self.free_running), ("teacher-forced", self.teacher_forced)):
-            s = mode.summary()
-            rows.append(f"{name:<15} {s['max_abs']:>10.3g} {s['normalised']:>10.3g} {s['top1']:>7.1%} {s['top1_ties']:>7.1%} "
-                        f"{s['top5']:>7.1%} {s['state_rel']:>10.3g}")
-        if self.floor:
-            rows.append(f"float64 check: fp32 reference vs float64 {self.floor['reference_vs_float64']:.3g}, "
-                        f"export vs float64 {self.floor['export_vs_float64']:.3g} (|Δ|/std, free-running)")
-        verdict = "PASS" if self else "FAIL"
-        rows.append(f"{verdict}: {self.steps} steps x batch {self.batch}, {self.precision} via {self.backend}; "
-                    f"tolerance |Δ|/std <= {self.tolerance['normalised']:g}, top-1* >= {self.tolerance['top1']:.0%} "
-                    "(*: near-ties within tolerance count as agreement); "
-                    f"would pass at {self.would_pass_at():.3g}")
+        pair = lambda a, b, f=".3g": f"{a:{f}} / {b:{f}}"  # noqa: E731
+        rows = [f"{'|Δ|/std from float64':<22}{'export':>22}{'reference':>22}{'ratio':>16}{'top-1*':>8}{'top-5':>7}",
+                f"{'(median / worst step)':<22}{'':>22}{'(' + self.precision + ' PyTorch)':>22}"]
+        for name, mode in self.modes():
+            s = mode.summary(self.gate)
+            rows.append(f"{name:<22}{pair(s['export_median'], s['export_worst']):>22}"
+                        f"{pair(s['reference_median'], s['reference_worst']):>22}"
+                        f"{pair(s['ratio_median'], s['ratio_worst'], '.2f'):>16}{s['top1_ties']:>8.1%}{s['top5']:>7.1%}")
+            rows.append(f"{'  state (max rel)':<22}{s['state_export']:>22.3g}{s['state_reference']:>22.3g}"
+                        f"{s['state_export'] / max(s['state_reference'], 1e-300):>16.2f}")
+        rows += [f"note: {n}" for n in self.notes]
+        rows.append(f"rule: {self.gate.rule()}")
+        rows.append(f"{'PASS' if self else 'FAIL'}: {self.steps} steps x batch {self.batch}, {self.precision} via "
+                    f"{self.backend}, against {self.reference}; largest distance ratio {self.largest_ratio():.2f}")
         return "\n".join(rows)
 
 
-def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int = 0, session=None,
-           json_path=None, write: bool = True, floor: bool = False) -> Report:
-    """Run the export and the float32 reference side by side; writes OUT/verify.json (and json_path).
+def _writable(path: Path) -> Path:
+    """Fail before the run, not after it, when the report cannot be written."""
+    path = Path(path).absolute()
+    if not path.parent.is_dir():
+        raise RWKVDeployError(f"cannot write the report to {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise RWKVDeployError(f"cannot write the report to {path}: it is a folder")
+    return path
 
-    floor=True also runs a float64 reference (twice the reference's memory) and reports how far the float32
-    reference and the export each are from it.
+
+def _write(path: Path, data: dict) -> None:
+    try:
+        write_json_atomic(path, data)
+    except OSError as e:
+        verdict = "passed" if data["passed"] else "failed"
+        raise RWKVDeployError(f"the verification {verdict}, but its report could not be written to {path} "
+                              f"({e.strerror})")
+
+
+def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int = 0, session=None,
+           json_path=None, write: bool = True, trust_custom_ops: bool = False) -> Report:
+    """Hold the export against float64 and the reference at its precision; writes OUT/verify.json (and json_path).
+
+    Free-running rows carry their own state; teacher-forced rows get the float64 state each step (cast to each
+    model's state dtypes), which isolates one step's error. Both ride in one batch of 2 x `batch` rows.
     """
     from ..models import load_checkpoint
     from ..models.model import RWKV
     from ..runtime.session import open_session
 
     t0 = time.time()
-    sess = session or open_session(folder)
-    m = sess.manifest
     if steps < 1 or batch < 1:
         raise RWKVDeployError(f"--steps and --batch must be positive, got {steps} and {batch}")
+    json_path = _writable(json_path) if json_path else None
+    sess = session or open_session(folder, trust_custom_ops=trust_custom_ops)
+    m = sess.manifest
+    if m["precision"] not in GATES:
+        raise RWKVDeployError(f"{folder}: unknown precision {m['precision']!r} in manifest.json; this rwkv-deploy "
+                              f"certifies {', '.join(GATES)}")
+    gate = GATES[m["precision"]]
+    notes = []
     src = checkpoint or m["source"]["path"]
     if not Path(src).exists():
         raise RWKVDeployError(f"reference checkpoint {src} not found; pass --checkpoint PATH")
     ckpt = load_checkpoint(src)
+    d = ckpt.dims
+    shape = {"rwkv_version": d.version, "n_layer": d.n_layer, "n_embd": d.n_embd, "vocab_size": d.vocab_size}
+    differ = [f"{k} {v} vs {m.get(k)}" for k, v in shape.items() if str(v) != str(m.get(k))]
+    if differ:
+        raise RWKVDeployError(f"{src} is not the checkpoint this folder was exported from ({', '.join(differ)})")
     if ckpt.sha256 != m["source"]["sha256"]:
-        raise RWKVDeployError(f"{src} is not the checkpoint this folder was exported from (sha256 "
-                              f"{ckpt.sha256[:12]}… vs {m['source']['sha256'][:12]}…)")
-    ref = RWKV(ckpt, torch.float32).eval()
-    ref64 = RWKV(ckpt, torch.float64).eval() if floor else None
-    s64 = ref64.init_state(batch) if floor else None
-    floor_ref = floor_exp = 0.0
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, int(m["vocab_size"]), size=(steps, batch))
+        what = (f"{src} is not the file this folder was exported from (sha256 {ckpt.sha256[:12]}… vs "
+                f"{m['source']['sha256'][:12]}…)")
+        if checkpoint is None:  # the recorded file changed since the export: nothing sound to compare with
+            raise RWKVDeployError(f"{what}; pass --checkpoint with the original")
+        notes.append(what + "; held against it as asked")  # e.g. the .pth of an export made from .safetensors
+    exact = RWKV(ckpt, torch.float64).eval()
+    ref = RWKV(ckpt, REFERENCE_DTYPE[m["precision"]]).eval()
+    tokens = np.random.default_rng(seed).integers(0, int(m["vocab_size"]), size=(steps, batch))
     free, forced = ModeResult(), ModeResult()
-    r_state, o_state = ref.init_state(batch), sess.init_state(batch)
-    dtypes = [np.dtype(s.dtype) for s in sess.states]
-    tolerance = TOLERANCES.get(m["precision"], TOLERANCES["fp16"])
-    tol = tolerance["normalised"]
+    s_exact, s_ref, s_ours = exact.init_state(batch), ref.init_state(batch), sess.init_state(batch)
+    ours_dtypes = [np.dtype(s.dtype) for s in sess.states]
+    B = batch
     with torch.no_grad():
         for t in range(steps):
-            before = [x.numpy().astype(dt) for x, dt in zip(r_state, dtypes)]
-            r_logits, r_state = ref.step(torch.from_numpy(tokens[t]), r_state)
-            r_np, rs_np = r_logits.numpy().astype(np.float64), [x.numpy() for x in r_state]
-            o_logits, o_state = sess.step(tokens[t], o_state)  # free-running: own state
-            free.add(o_logits, r_np, o_state, rs_np, tol)
-            f_logits, f_state = sess.step(tokens[t], before)  # teacher-forced: the reference's state
-            forced.add(f_logits, r_np, f_state, rs_np, tol)
-            if ref64 is not None:
-                l64, s64 = ref64.step(torch.from_numpy(tokens[t]), s64)
-                exact = l64.double().numpy()
-                floor_ref = max(floor_ref, float((np.abs(r_np - exact).max(-1) / exact.std(-1)).max()))
-                floor_exp = max(floor_exp, float((np.abs(o_logits - exact).max(-1) / exact.std(-1)).max()))
+            before = [x.numpy() for x in s_exact]  # the float64 state that teacher-forced rows start from
+            l_exact, s_exact = exact.step(torch.from_numpy(tokens[t]), s_exact)
+            e_np, se_np = l_exact.numpy(), [x.numpy() for x in s_exact]
+            tok2 = np.concatenate([tokens[t], tokens[t]])
+            l_ref, s2 = ref.step(torch.from_numpy(tok2), [torch.cat([a, torch.from_numpy(b).to(a.dtype)])
+                                                         for a, b in zip(s_ref, before)])
+            s_ref = [x[:B] for x in s2]
+            l_ref, sr_np = l_ref.numpy(), [x.numpy() for x in s2]
+            l_ours, so2 = sess.step(tok2, [np.concatenate([a, b.astype(dt)])
+                                           for a, b, dt in zip(s_ours, before, ours_dtypes)])
+            s_ours = [x[:B] for x in so2]
+            free.add(l_ours[:B], l_ref[:B], e_np, s_ours, [x[:B] for x in sr_np], se_np)
+            forced.add(l_ours[B:], l_ref[B:], e_np, [x[B:] for x in so2], [x[B:] for x in sr_np], se_np)
             if (t + 1) % 100 == 0:
                 log.info("verified %d/%d steps", t + 1, steps)
-    report = Report(m["precision"], "onnxruntime " + "/".join(sess.providers), steps, batch, tolerance, free, forced,
-                    time.time() - t0,
-                    {"reference_vs_float64": floor_ref, "export_vs_float64": floor_exp} if floor else None)
+    backend = "onnxruntime " + "/".join(getattr(sess, "providers", []))
+    report = Report(m["precision"], backend, steps, batch, gate, free, forced, time.time() - t0,
+                    f"float64 and {m['precision']} PyTorch references of {Path(src).name}", notes)
     if write:
-        write_json_atomic(Path(folder) / "verify.json", report.to_json())
+        _write(Path(folder) / "verify.json", report.to_json())
     if json_path:
-        write_json_atomic(Path(json_path).absolute(), report.to_json())
+        _write(json_path, report.to_json())
     return report
+
+
+@dataclass
+class Sweep:
+    """Per first-token id: distance of the export's logits, and of the reference at its precision, from exact."""
+
+    ids: np.ndarray
+    export: np.ndarray
+    reference: np.ndarray
+    exact: str  # what stood in for exact math
+
+    def outliers(self, gate: Gate) -> np.ndarray:
+        """Ids where the export is further than the gate allows given the reference's worst over the sweep."""
+        bound = min(max(gate.worst * float(self.reference.max()), gate.floor), gate.cap)
+        return self.ids[self.export > bound]
+
+
+def first_token_sweep(folder, ids=None, chunk: int = 256, exact_dtype=torch.float64, checkpoint=None,
+                      progress=None) -> Sweep:
+    """Every id in `ids` (default: the whole vocabulary) as the first token from the initial state, batched.
+
+    A single step from the initial state reaches every row of the embedding and the head, which a random token
+    stream of a few thousand steps does not. exact_dtype=torch.float32 is a cheaper stand-in for float64 when the
+    export is fp16 (fp32's own error is ~1000x below fp16's).
+    """
+    from ..models import load_checkpoint
+    from ..models.model import RWKV
+    from ..runtime.session import open_session
+
+    sess = open_session(folder)
+    m = sess.manifest
+    ckpt = load_checkpoint(checkpoint or m["source"]["path"])
+    exact = RWKV(ckpt, exact_dtype).eval()
+    ref = RWKV(ckpt, REFERENCE_DTYPE[m["precision"]]).eval()
+    ids = np.arange(int(m["vocab_size"])) if ids is None else np.asarray(ids)
+    d_exp, d_ref = [], []
+    with torch.no_grad():
+        for i in range(0, len(ids), chunk):
+            tok = ids[i:i + chunk]
+            e = exact.step(torch.from_numpy(tok), exact.init_state(len(tok)))[0].double().numpy()
+            d_ref.append(normalised(ref.step(torch.from_numpy(tok), ref.init_state(len(tok)))[0].numpy(), e))
+            d_exp.append(normalised(sess.step(tok, sess.init_state(len(tok)))[0], e))
+            if progress:
+                progress(min(i + chunk, len(ids)), len(ids))
+    return Sweep(ids, np.concatenate(d_exp), np.concatenate(d_ref), str(exact_dtype).replace("torch.", ""))

@@ -151,22 +151,25 @@ Ort::Status WKV5(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
   const float *R = r.Data(), *K = k.Data(), *V = v.Data(), *W = w.Data(), *U = u.Data();
   float *Y, *SO;
   HeadOutputs(S, y, S_out, B, T, H, N, Y, SO);
+  // Sums run in double and each state entry is rounded to float once per token: the kernel is then no
+  // further from exact math than the portable graph's MatMuls (a float running sum over i was several times further).
   auto body = [&](size_t task) {
     const int64_t b = task / H, h = task % H;
     float* s = SO + task * N * N;
+    std::vector<double> acc(N);
     for (int64_t t = 0; t < T; ++t) {
       const int64_t o = ((b * T + t) * H + h) * N;
       const float *rt = R + o, *kt = K + o, *vt = V + o, *wt = W + o, *uh = U + h * N;
-      float* yt = Y + o;
-      std::fill(yt, yt + N, 0.f);
+      std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t i = 0; i < N; ++i) {  // y = r (u k vᵀ + S);  S = k vᵀ + diag(w) S
-        const float ri = rt[i], ki = kt[i], wi = wt[i], ruk = ri * uh[i] * ki;
+        const double ri = rt[i], ki = kt[i], wi = wt[i], ruk = ri * uh[i] * ki;
         float* si = s + i * N;
         for (int64_t j = 0; j < N; ++j) {
-          yt[j] += ri * si[j] + ruk * vt[j];
-          si[j] = si[j] * wi + ki * vt[j];
+          acc[j] += ri * si[j] + ruk * vt[j];
+          si[j] = static_cast<float>(si[j] * wi + ki * vt[j]);
         }
       }
+      std::copy(acc.begin(), acc.end(), Y + o);
     }
   };
   ParallelFor(ctx, static_cast<size_t>(B * H), body);
@@ -189,16 +192,18 @@ Ort::Status WKV7(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
       const int64_t o = ((b * T + t) * H + h) * N;
       const float *rt = R + o, *wt = W + o, *kt = K + o, *vt = V + o, *at = Av + o, *bt = Bv + o;
       float* yt = Y + o;
-      for (int64_t i = 0; i < N; ++i) {
+      for (int64_t i = 0; i < N; ++i) {  // sums in double, one rounding per state entry (see WKV5)
         float* si = s + i * N;
-        float sa = 0.f;
-        for (int64_t j = 0; j < N; ++j) sa += si[j] * at[j];
-        float acc = 0.f;
+        double sa = 0.0;
+        for (int64_t j = 0; j < N; ++j) sa += static_cast<double>(si[j]) * at[j];
+        const double vi = vt[i];
+        double acc = 0.0;
         for (int64_t j = 0; j < N; ++j) {
-          si[j] = si[j] * wt[j] + sa * bt[j] + vt[i] * kt[j];
-          acc += si[j] * rt[j];
+          const double sij = si[j] * static_cast<double>(wt[j]) + sa * bt[j] + vi * kt[j];
+          si[j] = static_cast<float>(sij);
+          acc += sij * rt[j];
         }
-        yt[i] = acc;
+        yt[i] = static_cast<float>(acc);
       }
     }
   };
