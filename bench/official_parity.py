@@ -12,20 +12,6 @@ import numpy as np
 from _common import add_model_args
 
 
-def stepwise(model, tokens) -> np.ndarray:
-    import torch
-
-    state, rows = model.init_state(1), []
-    for t in tokens:
-        logits, state = model.step(torch.tensor([t]), state)
-        rows.append(logits[0].double().numpy())
-    return np.stack(rows)
-
-
-def normalised(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float((np.abs(ours - ref).max(-1) / ref.std(-1)).max())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_model_args(ap, layers=4, embd=128, head_size=32, vocab=1024)
@@ -36,6 +22,8 @@ def main() -> None:
 
     from rwkv_deploy.models import load_model
     from rwkv_deploy.models.synthetic import ALL_VERSIONS, make_checkpoint, save_checkpoint
+    from rwkv_deploy.validation.loop import stepwise
+    from rwkv_deploy.validation.metrics import max_normalised
     from rwkv_deploy.validation.official import official_logits
 
     tokens = np.random.default_rng(0).integers(0, a.vocab, a.tokens).tolist()
@@ -49,12 +37,12 @@ def main() -> None:
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 path = Path(tmp) / f"v{v}.pth"
                 save_checkpoint(make_checkpoint(v, a.layers, a.embd, a.head_size, a.vocab, dtype=dtype), path)
-                ref = official_logits(path, v, tokens).astype(np.float64)
-                ours, exact = (stepwise(load_model(path, dt), tokens) for dt in ("float32", "float64"))
-                d = np.abs(ours - ref)
-                print(f"{v:<8}{str(dtype)[6:]:<10}{(d.max(-1) / ref.std(-1)).max():>12.3g}{d.max():>12.3g}"
+                ref = official_logits(path, v, tokens)
+                ours, exact = (stepwise(load_model(path, dt), torch.tensor([tokens]))[0][0]
+                               for dt in ("float32", "float64"))
+                print(f"{v:<8}{str(dtype)[6:]:<10}{max_normalised(ours, ref):>12.3g}{np.abs(ours - ref).max():>12.3g}"
                       f"{(ours.argmax(-1) == ref.argmax(-1)).mean():>8.1%}"
-                      f"{normalised(ref, exact):>17.3g}{normalised(ours, exact):>13.3g}")
+                      f"{max_normalised(ref, exact):>17.3g}{max_normalised(ours, exact):>13.3g}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--embd", type=int, default=768)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--bad-steps", type=int, default=64)
+    ap.add_argument("--other-steps", type=int, help="steps for the fused and fp16 exports (default: --steps)")
     ap.add_argument("--json", help="write every report summary here")
     a = ap.parse_args()
 
@@ -46,6 +47,8 @@ def main() -> None:
             del sd
             for ckpt, steps in ((good, a.steps), (bad, a.bad_steps)):
                 for precision, wkv in VARIANTS:
+                    if ckpt == good and (precision, wkv) != VARIANTS[0] and a.other_steps:
+                        steps = a.other_steps
                     out = tmp / "out"
                     export(ckpt, out, precision=precision, wkv=wkv, force=True)
                     t = time.time()

@@ -2,14 +2,17 @@
 __version__ = "0.1.0"
 
 
-def open_session(folder, *, trust_custom_ops: bool = False, **kw):
-    """Open an export folder with ONNX Runtime (no torch needed); see runtime.session.OnnxSession.
+def open_session(path, backend: str = "ort", providers=None, threads=None, *, trust_custom_ops: bool = False,
+                 **kw):
+    """A Session (runtime/contract.py: init_state, step, prefill, forward, named State) on an export folder with
+    ONNX Runtime (backend "ort": no torch needed), or on a checkpoint or an export's source checkpoint with the
+    PyTorch reference (backend "torch"); see runtime.session.open_session.
 
     trust_custom_ops=True loads a custom-op library that this installation did not build (it runs native code).
     """
     from .runtime.session import open_session as _open
 
-    return _open(folder, trust_custom_ops=trust_custom_ops, **kw)
+    return _open(path, backend, providers, threads, trust_custom_ops=trust_custom_ops, **kw)
 
 
 def export(checkpoint, out, **kw):

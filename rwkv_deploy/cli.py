@@ -6,7 +6,9 @@ import json
 import logging
 import math
 import sys
+from contextlib import contextmanager
 
+from . import __version__
 from .errors import RWKVDeployError, VerificationFailed
 
 
@@ -17,35 +19,73 @@ def _inspect(a):
     print(json.dumps(info, indent=2) if a.json else format_inspect(info))
 
 
+@contextmanager
+def _progress(label: str):
+    """A rich progress bar on stderr while a long call runs, when stderr is a terminal; else None (the library
+    then logs its milestones, which is what logs and CI want)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total, what=label: bar.update(task, completed=done, total=total, description=what)
+
+
 def _export(a):
     from .exporters.export import export
 
-    export(a.checkpoint, a.output, precision=a.precision, opset=a.opset, tokenizer=a.tokenizer,
-           external_data=True if a.external_data else None, force=a.force, prefill=a.prefill, wkv=a.wkv,
-           ort_include=a.ort_include)
+    with _progress("exporting") as progress:
+        export(a.checkpoint, a.output, precision=a.precision, opset=a.opset, tokenizer=a.tokenizer,
+               external_data=True if a.external_data else None, force=a.force, prefill=a.prefill, wkv=a.wkv,
+               ort_include=a.ort_include, progress=progress)
 
 
 def _verify(a):
     from .validation.compare import verify
 
-    report = verify(a.folder, checkpoint=a.checkpoint, steps=a.steps, batch=a.batch, seed=a.seed, json_path=a.json,
-                    trust_custom_ops=a.trust_custom_ops)
+    with _progress("verifying") as progress:
+        report = verify(a.folder, checkpoint=a.checkpoint, steps=a.steps, batch=a.batch, seed=a.seed,
+                        json_path=a.json, trust_custom_ops=a.trust_custom_ops, backend=a.backend, providers=a.provider,
+                        threads=a.threads, progress=progress)
     print(report.table())
     if not report:
         raise VerificationFailed("; ".join(report.failures()))
 
 
 def _run(a):
-    from .runtime.generate import generate
+    from .runtime.generate import GenerationStats, generate
     from .runtime.session import open_session
 
-    sess = open_session(a.folder, trust_custom_ops=a.trust_custom_ops)
+    sess = open_session(a.model, a.backend, a.provider, a.threads, trust_custom_ops=a.trust_custom_ops)
     sess.get_tokenizer()  # a missing or bad tokenizer is an error before anything is printed
+    stats = GenerationStats()
     sys.stdout.write(a.prompt)
-    for piece in generate(sess, a.prompt, a.max_tokens, a.temperature, a.top_p, a.seed):
+    for piece in generate(sess, a.prompt, a.max_tokens, a.temperature, a.top_p, a.seed, stats=stats):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(stats.line(), file=sys.stderr)  # stderr: stdout is the text alone
+
+
+def _check(a):
+    from .runtime.check import check
+
+    result = check(a.folder, trust_custom_ops=a.trust_custom_ops)
+    print(result.table())
+    if not result:
+        raise VerificationFailed(result.reason())
+
+
+def _tokenizer(a):
+    from .runtime.manifest import attach_tokenizer
+
+    entry = attach_tokenizer(a.folder, a.file)["tokenizer"]
+    print(f"{a.folder}: tokenizer {entry['file']} ({entry['kind']}) attached")
 
 
 def _build_ops(a):
@@ -61,8 +101,22 @@ def _demo(a):
         raise VerificationFailed("the demo export did not match the reference")
 
 
+class _Help(argparse.HelpFormatter):
+    """--help shows each option's default, unless the help text already says it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors follow the same contract as bad input: one `error:` line on stderr, exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
@@ -137,9 +191,21 @@ def _describe(e: BaseException, command: str) -> str:
     return str(e) or type(e).__name__
 
 
+def _session_options(s, backend_help: str) -> None:
+    """The options that pick and tune the Session (`run` and `verify`)."""
+    s.add_argument("--backend", default="ort", help=backend_help)  # checked by the library: "trt" gets its own message
+    s.add_argument("--provider", choices=["cpu", "cuda"],
+                   help="ort: ONNX Runtime execution provider (default: cuda if this onnxruntime has it, else cpu; "
+                        "cuda keeps the state on the GPU); torch: the device (default cpu)")
+    s.add_argument("--threads", type=_positive, help="CPU threads (default: the runtime's own choice)")
+    s.add_argument("--trust-custom-ops", action="store_true",
+                   help="load a custom-op library that this installation did not build (it runs native code)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rwkv-deploy", description="Export RWKV checkpoints to ONNX with certified parity.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--version", action="version", version=f"rwkv-deploy {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("inspect", help="version, dimensions, parameters and state table of a checkpoint")
     s.add_argument("checkpoint", help="BlinkDL .pth, .safetensors, or Hugging Face RWKV-4 folder")
@@ -149,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="checkpoint -> export folder (ONNX graphs + manifest.json)")
     s.add_argument("checkpoint")
     s.add_argument("-o", "--output", required=True, help="export folder to create")
-    s.add_argument("--precision", default="fp32", help="fp32 (default) or fp16")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="weights and activations")
     s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     s.add_argument("--tokenizer", help="tokenizer file to copy in: tokenizers .json or RWKV World .txt")
     s.add_argument("--external-data", action="store_true",
@@ -158,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill", nargs="?", const="last", choices=["last", "all"],
                    help="also write prefill.onnx: a whole prompt in one call, returning the logits of the last "
                         "position (default) or of all positions")
-    s.add_argument("--wkv", default="portable",
+    s.add_argument("--wkv", default="portable", choices=["portable", "fused"],
                    help="portable (standard ONNX ops, default) or fused (one rwkv::WKV node per layer; needs the "
                         "custom-op library, built on first use)")
     s.add_argument("--ort-include", help="ONNX Runtime headers for building the custom-op library (default: fetched "
@@ -173,19 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_seed, default=0, help="seed of the random token stream (default 0)")
     s.add_argument("--json", help="also write the report here (OUT/verify.json is always written)")
     s.add_argument("--float64", action="store_true", help=argparse.SUPPRESS)  # always on now; kept for old scripts
-    s.add_argument("--trust-custom-ops", action="store_true",
-                   help="load a custom-op library that this installation did not build (it runs native code)")
+    _session_options(s, "the export runs on: ort (ONNX Runtime, default) or torch (the PyTorch reference at the "
+                        "export's precision, a check of the harness)")
     s.set_defaults(fn=_verify)
 
-    s = sub.add_parser("run", help="generate text with an export folder")
-    s.add_argument("folder")
+    s = sub.add_parser("run", help="generate text with an export folder (or a checkpoint with --backend torch)")
+    s.add_argument("model", metavar="OUT_OR_CKPT", help="export folder, or a checkpoint with --backend torch")
     s.add_argument("--prompt", required=True, type=_prompt, help="UTF-8 text to continue")
     s.add_argument("--max-tokens", type=_max_tokens, default=100, help="tokens to generate (default 100)")
     s.add_argument("--temperature", type=_temperature, default=1.0, help="0 = greedy (default 1.0)")
     s.add_argument("--top-p", type=_top_p, default=0.85, help="nucleus sampling mass, in (0, 1] (default 0.85)")
     s.add_argument("--seed", type=_seed, help="fix for reproducible output: an integer in [0, 2**63)")
-    s.add_argument("--trust-custom-ops", action="store_true",
-                   help="load a custom-op library that this installation did not build (it runs native code)")
+    _session_options(s, "ort (ONNX Runtime on an export folder, default) or torch (the PyTorch reference, on a "
+                        "checkpoint or on an export folder's source checkpoint)")
     s.set_defaults(fn=_run)
 
     s = sub.add_parser("build-ops", help="build the ONNX Runtime custom-op library (fused WKV) and print its path")
@@ -194,6 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cuda", action="store_true",
                    help="also CUDA-provider kernels (needs nvcc): librwkv_ops_cuda.so, for onnxruntime-gpu")
     s.set_defaults(fn=_build_ops)
+
+    s = sub.add_parser("check", help="replay the golden logits of an export folder with ONNX Runtime (no torch)")
+    s.add_argument("folder")
+    s.add_argument("--trust-custom-ops", action="store_true",
+                   help="load a custom-op library that this installation did not build (it runs native code)")
+    s.set_defaults(fn=_check)
+
+    s = sub.add_parser("tokenizer", help="attach or replace the tokenizer of an export folder (no re-export)")
+    s.add_argument("folder")
+    s.add_argument("file", help="tokenizers .json or RWKV World .txt")
+    s.set_defaults(fn=_tokenizer)
 
     s = sub.add_parser("demo", help="make, export, verify and run a small model: no files needed")
     s.add_argument("--dir", default="rwkv-deploy-demo", help="working folder (default ./rwkv-deploy-demo)")

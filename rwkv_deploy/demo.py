@@ -15,7 +15,7 @@ def demo(folder: str | Path = "rwkv-deploy-demo", steps: int = 64, max_tokens: i
     """Build a small random RWKV-7 with the World vocabulary, export, verify and generate. Returns the verdict."""
     from .exporters.export import export
     from .models.synthetic import make_checkpoint, save_checkpoint
-    from .runtime.generate import generate
+    from .runtime.generate import GenerationStats, generate
     from .runtime.session import open_session
     from .validation.compare import verify
 
@@ -36,9 +36,9 @@ def demo(folder: str | Path = "rwkv-deploy-demo", steps: int = 64, max_tokens: i
     echo("   " + report.table().replace("\n", "\n   "))
     echo(f"4. generating {max_tokens} tokens from {PROMPT!r} (seed 0; random weights, so the text is noise):")
     sess.get_tokenizer()  # load it outside the timing
-    t = time.time()
-    text = "".join(generate(sess, PROMPT, max_tokens=max_tokens, temperature=1.0, top_p=0.85, seed=0))
+    stats = GenerationStats()
+    text = "".join(generate(sess, PROMPT, max_tokens=max_tokens, temperature=1.0, top_p=0.85, seed=0, stats=stats))
     echo(f"   {PROMPT}{text!r}")
-    echo(f"   ({max_tokens / (time.time() - t):.0f} tokens/s, prompt through prefill.onnx, then one step per token)")
+    echo(f"   {stats.line()} on {sess.backend}; the prompt through prefill.onnx, then one step per token")
     echo(f"done: {'parity certified' if report else 'PARITY FAILED'}; see {out / 'verify.json'}")
     return bool(report)

@@ -5,14 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from rwkv_deploy.models.synthetic import ALL_VERSIONS, make_checkpoint, save_checkpoint
+from rwkv_deploy.models.synthetic import make_checkpoint, save_checkpoint
+from rwkv_deploy.validation.metrics import max_normalised
 
-# Every test module parametrises over this; test_coverage.py fails if a supported version is missing.
-VERSIONS = ALL_VERSIONS
+# Every test module parametrises over this; test_coverage.py fails if a supported version is missing. Written
+# out rather than read from the registry, or that test would compare the registry with itself.
+VERSIONS = ("4", "5.0", "5.1", "5.2", "6", "7")
+normalised = max_normalised  # the name test modules import it by
 
 
 @pytest.fixture(scope="session")
@@ -55,12 +57,6 @@ def exported(make_ckpt, tmp_path_factory):
     return get
 
 
-def normalised(ours: np.ndarray, ref: np.ndarray) -> float:
-    """max over steps of max|Δlogit| / std(ref logits) (BlinkDL's metric, design.md §5)."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float((np.abs(ours - ref).max(-1) / ref.std(-1)).max())
-
-
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "rwkv_deploy.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd)
@@ -85,6 +81,20 @@ def world():
     if path is None:
         pytest.skip("the rwkv package (which ships the World vocabulary) is not installed")
     return WorldTokenizer(path)
+
+
+@pytest.fixture(scope="session")
+def world_model(tmp_path_factory):
+    """(checkpoint, export folder with a prefill graph) of a 1-layer RWKV-7 with the World vocabulary size, so
+    that export copies the World tokenizer in. Tests that change the folder work on a copy."""
+    from rwkv_deploy import export
+    from rwkv_deploy.runtime.tokenizer import world_vocab_path
+
+    if world_vocab_path() is None:
+        pytest.skip("the rwkv package (which ships the World vocabulary) is not installed")
+    root = tmp_path_factory.mktemp("world")
+    save_checkpoint(make_checkpoint("7", vocab_size=65536, n_layer=1, n_embd=64, head_size=16), root / "w.pth")
+    return root / "w.pth", export(root / "w.pth", root / "out", prefill="last")
 
 
 def random_tokens(n, vocab=97, seed=0, batch=None):

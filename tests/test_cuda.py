@@ -1,5 +1,6 @@
 """CUDA kernels (custom_ops/cuda/wkv_kernels.cu): built with nvcc where present, run where a GPU is."""
 import ctypes
+import json
 import shutil
 
 import pytest
@@ -43,7 +44,7 @@ def test_cuda_provider_library_still_runs_on_the_cpu(make_ckpt, tmp_path):
     import numpy as np
 
     from rwkv_deploy import export, open_session
-    from rwkv_deploy.custom_ops.build import build_library
+    from rwkv_deploy.custom_ops.build import build_library, file_sha256
 
     out = export(make_ckpt("7"), tmp_path / "o", wkv="fused")
     cpu = open_session(out)
@@ -51,6 +52,9 @@ def test_cuda_provider_library_still_runs_on_the_cpu(make_ckpt, tmp_path):
     shutil.copytree(out, other)
     (other / "librwkv_ops.so").unlink()
     shutil.copyfile(build_library(cuda=True), other / "librwkv_ops.so")
+    m = json.loads((other / "manifest.json").read_text())  # the manifest pins the library it was exported with
+    m["requires"]["custom_ops"]["libraries"]["CPUExecutionProvider"]["sha256"] = file_sha256(other / "librwkv_ops.so")
+    (other / "manifest.json").write_text(json.dumps(m))
     both = open_session(other, providers=["CPUExecutionProvider"])
     tokens = np.array([3, 5])
     np.testing.assert_allclose(both.step(tokens, both.init_state(2))[0], cpu.step(tokens, cpu.init_state(2))[0],

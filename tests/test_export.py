@@ -161,7 +161,7 @@ def test_session_rejects_bad_tokens_and_state(exports):
     from rwkv_deploy.errors import RWKVDeployError
 
     sess = open_session(exports("5.1"))
-    st = sess.init_state(2)
+    st = list(sess.init_state(2).to_numpy().values())  # the format-1 form: numpy arrays in the manifest's order
     with pytest.raises(RWKVDeployError, match="token id 97 is out of range"):
         sess.step(np.array([1, 97]), st)
     with pytest.raises(RWKVDeployError, match="out of range"):

@@ -38,10 +38,13 @@ PATH_KEYS = {
     "graphs.step.file": ("model.onnx", lambda m, p: m["graphs"]["step"].update(file=p)),
     "graphs.prefill.file": ("prefill.onnx", lambda m, p: m["graphs"]["prefill"].update(file=p)),
     "graphs.step.external_data": ("weights.onnx.data", lambda m, p: m["graphs"]["step"].update(external_data=p)),
-    "tokenizer.file": ("tokenizer.json", lambda m, p: m.update(tokenizer={"kind": "hf-tokenizers", "file": p})),
+    "tokenizer.file": ("tokenizer.json", lambda m, p: m.update(tokenizer={"kind": "hf-tokenizers", "file": p,
+                                                                          "eos_token_id": 0, "stop": {"token_ids": [0]}})),
     "state[0].init_file": ("state0.bin", lambda m, p: m["state"][0].update(init_file=p)),
-    "custom_op_library.path": ("librwkv_ops.so", lambda m, p: m.update(
-        custom_op_library={"path": p, "rwkv_deploy_version": __version__})),
+    "requires.custom_ops.libraries.CPUExecutionProvider.path": ("librwkv_ops.so", lambda m, p: m["requires"].update(
+        custom_ops={"domain": "rwkv", "ops": ["WKV7"],
+                    "libraries": {"CPUExecutionProvider": {"path": p, "sha256": "0" * 64}}})),
+    "golden.logits_file": ("logits.bin", lambda m, p: m["golden"].update(logits_file=p)),
 }
 
 
@@ -106,7 +109,10 @@ def hostile_folder(exported, tmp_path):
     folder = tmp_path / "fused"
     shutil.copytree(exported("7", wkv="fused"), folder)
     m = json.loads((folder / "manifest.json").read_text())
-    shutil.copyfile(lib, folder / m["custom_op_library"]["path"])
+    entry = m["requires"]["custom_ops"]["libraries"]["CPUExecutionProvider"]
+    shutil.copyfile(lib, folder / entry["path"])
+    entry["sha256"] = file_sha256(lib)  # whoever swaps the library can edit the manifest too
+    (folder / "manifest.json").write_text(json.dumps(m))
     return folder, marker
 
 
@@ -131,7 +137,7 @@ def test_trusted_library_is_loaded_when_asked(hostile_folder, command):
 def test_fresh_fused_export_opens_without_the_flag(exported, tmp_path):
     folder = tmp_path / "copy"  # a copy (same bytes, another place) of what this installation built
     shutil.copytree(exported("7", wkv="fused"), folder)
-    lib = folder / read_manifest(folder)["custom_op_library"]["path"]
+    lib = read_manifest(folder).custom_op_library()["path"]
     assert is_trusted_library(lib)
     sess = open_session(folder)
     logits, _ = sess.step([1], sess.init_state(1))
@@ -182,9 +188,10 @@ WRONG_TYPES = {
     "graph file is a number": (_set(["graphs", "step", "file"], 5), "$.graphs.step.file"),
     "prefill positions unknown": (_set(["graphs", "prefill", "positions"], "first"), "$.graphs.prefill.positions"),
     "tokenizer is a number": (_set(["tokenizer"], 5), "$.tokenizer"),
-    "custom_op_library is a string": (_set(["custom_op_library"], "lib.so"), "$.custom_op_library"),
+    "requires.custom_ops is a string": (_set(["requires", "custom_ops"], "lib.so"), "$.requires.custom_ops"),
     "source sha256 is a number": (_set(["source", "sha256"], 5), "$.source.sha256"),
-    "unknown tokenizer kind": (_set(["tokenizer"], {"kind": "sentencepiece", "file": "t.model"}), "$.tokenizer.kind"),
+    "unknown tokenizer kind": (_set(["tokenizer"], {"kind": "sentencepiece", "file": "t.model", "eos_token_id": 0,
+                                                    "stop": {"token_ids": [0]}}), "$.tokenizer.kind"),
 }
 
 
@@ -192,7 +199,7 @@ WRONG_TYPES = {
 def test_schema_errors_are_one_line(exported, tmp_path, case):
     edit, where = WRONG_TYPES[case]
     folder = edited(exported("7"), tmp_path / "bad", edit)
-    with pytest.raises(RWKVDeployError, match="does not follow the rwkv-deploy/1 schema"):
+    with pytest.raises(RWKVDeployError, match="does not follow the rwkv-deploy/2 schema"):
         read_manifest(folder)
     one_error_line(cli("run", folder), "schema", where)
 
@@ -245,4 +252,4 @@ def test_every_export_follows_the_schema(exported, version):
     # with stock jsonschema (what a client in another language would use) and through read_manifest
     jsonschema.validate(json.loads((folder / "manifest.json").read_text()), schema,
                         cls=jsonschema.Draft202012Validator)
-    assert read_manifest(folder)["format"] == "rwkv-deploy/1"
+    assert read_manifest(folder)["format"] == "rwkv-deploy/2"

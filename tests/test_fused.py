@@ -1,4 +1,5 @@
 """The fused WKV operators: graph structure, parity with portable and the reference, errors."""
+import hashlib
 import json
 import shutil
 
@@ -31,7 +32,8 @@ def test_one_wkv_node_per_layer(fused, version):
     for graph in ("model.onnx", "prefill.onnx"):
         assert rwkv_nodes(out / graph) == [op] * m["n_layer"]
         assert not rwkv_nodes(fused(version, wkv="portable") / graph)
-    assert m["wkv"] == "fused" and m["custom_op_library"]["path"] == "librwkv_ops.so"
+    lib = m["requires"]["custom_ops"]["libraries"]["CPUExecutionProvider"]
+    assert m["wkv"] == "fused" and lib["path"] == "librwkv_ops.so" and m["requires"]["custom_ops"]["ops"] == [op]
     assert (out / "librwkv_ops.so").exists()
 
 
@@ -96,15 +98,15 @@ def test_missing_library_is_a_clear_error(fused, tmp_path):
 def test_incompatible_library_is_a_clear_error(fused, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(fused("6"), out)
-    m = json.loads((out / "manifest.json").read_text())
-    m["custom_op_library"]["rwkv_deploy_version"] = "0.0.1"
-    (out / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(RWKVDeployError, match="was built by rwkv-deploy .* expects 0.0.1"):
-        open_session(out)
     (out / "librwkv_ops.so").unlink()  # a new file: the old one is still mapped into this process
     (out / "librwkv_ops.so").write_bytes(b"not a library")
-    with pytest.raises(RWKVDeployError, match="not an rwkv-deploy custom-op library"):
-        open_session(out)
+    with pytest.raises(RWKVDeployError, match="not the library this folder was exported with"):
+        open_session(out)  # format 2 pins the library's sha256
+    m = json.loads((out / "manifest.json").read_text())
+    m["requires"]["custom_ops"]["libraries"]["CPUExecutionProvider"]["sha256"] = hashlib.sha256(b"not a library").hexdigest()
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(RWKVDeployError, match="did not build, so it was not loaded"):
+        open_session(out)  # a library this installation did not build is never loaded unless trusted
 
 
 def test_build_ops_command():

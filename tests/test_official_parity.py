@@ -1,23 +1,19 @@
 """Our reference against the official `rwkv` PyPI package (spec §10), one token at a time."""
-import numpy as np
 import pytest
 import torch
-from conftest import VERSIONS, normalised, random_tokens
+from conftest import VERSIONS, random_tokens
 
 from rwkv_deploy.models import load_model
+from rwkv_deploy.validation.loop import stepwise
+from rwkv_deploy.validation.metrics import max_normalised as normalised
 from rwkv_deploy.validation.official import official_logits
 
 pytest.importorskip("rwkv", reason="the official rwkv package is a test dependency (pip install -e .[test])")
 
 
 def ours_stepwise(path, tokens, dtype=torch.float32):
-    m = load_model(path, dtype)
-    state, rows = m.init_state(1), []
-    with torch.no_grad():
-        for t in tokens:
-            logits, state = m.step(torch.tensor([t]), state)
-            rows.append(logits[0].double().numpy())
-    return np.stack(rows)
+    """Our reference's logits [T, V], one token at a time from the initial state, as the package runs."""
+    return stepwise(load_model(path, dtype), torch.tensor([tokens]))[0][0]
 
 
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])

@@ -9,6 +9,7 @@ from conftest import VERSIONS, normalised
 
 from rwkv_deploy import export, open_session
 from rwkv_deploy.models import load_model
+from rwkv_deploy.validation.loop import stepwise
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is needed (pip install -e .[onnx])")
 torch.set_grad_enabled(False)
@@ -21,12 +22,8 @@ def prefill_exports(exported):
 
 def reference_steps(path, tokens):
     """Logits after every token, fed one at a time to the float32 reference: [B, T, V]."""
-    m = load_model(path)
-    state, rows = m.init_state(tokens.shape[0]), []
-    for t in range(tokens.shape[1]):
-        logits, state = m.step(torch.from_numpy(tokens[:, t]), state)
-        rows.append(logits.numpy())
-    return np.stack(rows, 1), [s.numpy() for s in state]
+    logits, state = stepwise(load_model(path), torch.from_numpy(tokens))
+    return logits, [s.numpy() for s in state]
 
 
 @pytest.mark.parametrize("wkv", ["portable", "fused"])
@@ -43,7 +40,7 @@ def test_prefill_then_steps_equals_single_steps(prefill_exports, make_ckpt, vers
     for j in range(k):
         logits, state = sess.step(tokens[:, T + j], state)
         assert normalised(logits, ref[:, T + j]) <= 1e-5
-    for ours, theirs in zip(state, ref_state):
+    for ours, theirs in zip(state.to_numpy().values(), ref_state):  # a State is named, in the manifest's order
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=2e-5)
 
 

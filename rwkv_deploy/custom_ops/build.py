@@ -28,7 +28,9 @@ HEADERS_IN_TARBALL = "package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64/onn
 NEEDED = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_lite_custom_op.h")
 LIB_NAME = "librwkv_ops.so"
 CUDA_OPS_LIB_NAME = "librwkv_ops_cuda.so"
-CUDA_SOURCE = Path(__file__).parent / "cuda" / "wkv_kernels.cu"
+CUDA_DIR = Path(__file__).parent / "cuda"
+CUDA_SOURCE = CUDA_DIR / "wkv_kernels.cu"
+CUDA_HEADER = CUDA_DIR / "wkv_launchers.h"  # the launchers' prototypes, included by both sources
 CUDA_LIB_NAME = "librwkv_cuda.so"
 CUDA_ARCHS = ("75", "80", "86", "89", "90")
 TRUSTED = "trusted.json"  # in cache_dir()/ops: {"libraries": {sha256: path}} of every library built here
@@ -90,13 +92,13 @@ def is_trusted_library(path: Path) -> bool:
 
 
 def _cached(name: str, *sources: Path) -> Path:
-    """Where a library built from `sources` by this rwkv-deploy version lives (built or not)."""
+    """Where a library built from `sources` (headers included) by this rwkv-deploy version lives (built or not)."""
     digest = hashlib.sha256(b"".join(s.read_bytes() for s in sources) + __version__.encode()).hexdigest()[:12]
     return cache_dir() / "ops" / f"{__version__}-{digest}" / name
 
 
 def library_path(cuda: bool = False) -> Path:
-    return _cached(CUDA_OPS_LIB_NAME, SOURCE, CUDA_SOURCE) if cuda else _cached(LIB_NAME, SOURCE)
+    return _cached(CUDA_OPS_LIB_NAME, SOURCE, CUDA_SOURCE, CUDA_HEADER) if cuda else _cached(LIB_NAME, SOURCE)
 
 
 def fetch_headers() -> Path:
@@ -139,8 +141,8 @@ def build_library(force: bool = False, ort_include: str | Path | None = None, cu
     flags = [f"-I{include}", f'-DRWKV_DEPLOY_VERSION="{__version__}"']
     if cuda:
         return _compile([_nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler",
-                         "-fvisibility=hidden", "-DRWKV_WITH_CUDA", *_gencode(), *flags, str(CUDA_SOURCE),
-                         str(SOURCE)], lib)
+                         "-fvisibility=hidden", "-DRWKV_WITH_CUDA", *_gencode(), *flags, f"-I{CUDA_DIR}",
+                         str(CUDA_SOURCE), str(SOURCE)], lib)
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
         raise RWKVDeployError("building the custom-op library needs a C++17 compiler (g++); install one")
@@ -170,7 +172,7 @@ def library_version(path: Path) -> str:
 
 def build_cuda_library(force: bool = False) -> Path:
     """The CUDA kernels alone (cuda/wkv_kernels.cu, C launchers) as a shared library, for tests and a TRT plugin."""
-    lib = _cached(CUDA_LIB_NAME, CUDA_SOURCE)
+    lib = _cached(CUDA_LIB_NAME, CUDA_SOURCE, CUDA_HEADER)
     if lib.exists() and not force:
         return _record_trusted(lib)
     return _compile([_nvcc(), "-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RWKVDeployError
-from ..models.wkv import WKVOps, run_wkv4, run_wkv5, run_wkv7
+from ..models.wkv import WKVOps, run_wkv4, run_wkv5, run_wkv7, step_wkv4, step_wkv5, step_wkv7
 
 log = logging.getLogger(__name__)
 
@@ -21,17 +21,17 @@ DOMAIN, OPSET = "rwkv", 1
 
 def _eager4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, (aa, bb, pp) = run_wkv4(w, u, k, v, aa, bb, pp)
+    y, (aa, bb, pp) = (step_wkv4 if k.shape[1] == 1 else run_wkv4)(w, u, k, v, aa, bb, pp)  # eager: never traced
     return y, aa.clone(), bb.clone(), pp.clone()  # custom ops may not return views of their inputs
 
 
 def _eager5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
-    y, S = run_wkv5(r, k, v, w, u, S)
+    y, S = (step_wkv5 if r.shape[1] == 1 else run_wkv5)(r, k, v, w, u, S)
     return y, S.clone()
 
 
 def _eager7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
-    y, S = run_wkv7(r, w, k, v, a, b, S)
+    y, S = (step_wkv7 if r.shape[1] == 1 else run_wkv7)(r, w, k, v, a, b, S)
     return y, S.clone()
 
 

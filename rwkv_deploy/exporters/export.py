@@ -24,11 +24,13 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..custom_ops.build import file_sha256
 from ..errors import RWKVDeployError
 from ..models import load_checkpoint
 from ..models.model import RWKV
-from ..runtime.manifest import FORMAT, MANIFEST, current_umask, write_json_atomic
-from ..runtime.tokenizer import load_tokenizer, tokenizer_kind, world_vocab_path
+from ..runtime.manifest import FORMAT, MANIFEST, current_umask, tokenizer_entry, write_json_atomic
+from ..runtime.tokenizer import world_vocab_path
+from ..validation.metrics import normalised
 from .onnx_graph import LOGITS, TOKENS, WEIGHTS_FILE, PrefillGraph, StepGraph, WeightFile, export_graph, state_io_names
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,14 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 WKV_MODES = ("portable", "fused")
 NP_DTYPE = {torch.float32: "float32", torch.float16: "float16"}
+
+# Golden logits (manifest "golden"): GOLDEN_STEPS ids drawn with a fixed seed from the whole vocabulary (so they
+# do not depend on the tokenizer, which `rwkv-deploy tokenizer` may replace), fed one at a time through the float64
+# reference. Their tolerance: GOLDEN_FACTOR x our reference's distance at the export's precision, within
+# GOLDEN_BOUNDS (floor, cap) per precision; see _golden.
+GOLDEN_FILE, GOLDEN_STEPS, GOLDEN_SEED = "golden/logits.bin", 8, 20261124
+GOLDEN_FACTOR = 10
+GOLDEN_BOUNDS = {"fp32": (1e-4, 1e-3), "fp16": (0.1, 0.25)}
 
 
 def _sigterm_raises_exit(fn):
@@ -66,7 +76,7 @@ def _on_sigterm(signum, frame):
 @_sigterm_raises_exit
 def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokenizer=None,
            external_data: bool | None = None, force: bool = False, prefill: str | bool | None = None,
-           wkv: str = "portable", ort_include=None) -> Path:
+           wkv: str = "portable", ort_include=None, progress=None) -> Path:
     """Export `checkpoint` to the folder `out`; returns its path. Nothing is left at `out` on failure.
 
     prefill: None (step graph only), "last" (prefill.onnx returns the last position's logits) or "all"
@@ -86,9 +96,10 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
     _sweep_stale(out.parent)
     t0 = time.time()
     ckpt = load_checkpoint(checkpoint)
+    _phase(progress, 1, "tracing the step graph")
     log.info("[1/4] loaded RWKV-%s %s (%d layers x %d, %s params) in %.1fs", ckpt.version, ckpt.path.name,
              ckpt.dims.n_layer, ckpt.dims.n_embd, f"{ckpt.n_params:,}", time.time() - t0)
-    tok_src, tok_kind = _find_tokenizer(ckpt, tokenizer)
+    tok_src, tok_entry = _find_tokenizer(ckpt, tokenizer)
     dtype = PRECISIONS[precision]
     library = None
     if wkv == "fused":
@@ -108,6 +119,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         external = export_graph(StepGraph(model), model, torch.zeros(2, dtype=torch.long), tmp / "model.onnx", opset,
                                 external_data, weights)
         log.info("[2/4] step graph traced and checked in %.1fs", time.time() - t1)
+        _phase(progress, 2, "tracing the prefill graph" if prefill else "writing the state table")
         graphs = {"step": _graph_entry("model.onnx", external, ["batch"], d.vocab_size)}
         if prefill:
             t1 = time.time()
@@ -120,27 +132,37 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
             if prefill == "all":
                 graphs["prefill"]["logits_shape"] = ["batch", "seq", d.vocab_size]
             log.info("[2/4] prefill graph traced and checked in %.1fs", time.time() - t1)
+            _phase(progress, 3, "golden logits (float64 reference)")
         state = _state_entries(model, tmp)
-        op_library = None
+        custom_ops = None
         if library is not None:  # shipped in the folder so that the export runs where it is copied to
             shutil.copyfile(library, tmp / library.name)
-            op_library = {"path": library.name, "rwkv_deploy_version": __version__, "domain": "rwkv",
-                          "execution_provider": "CPUExecutionProvider"}
-        tok_entry = None
+            custom_ops = {"domain": "rwkv", "ops": _custom_ops(tmp, graphs, "rwkv"),
+                          "libraries": {"CPUExecutionProvider": {"path": library.name,
+                                                                 "sha256": file_sha256(tmp / library.name)}}}
         if tok_src is not None:
-            name = "tokenizer.json" if tok_kind == "hf-tokenizers" else tok_src.name
-            shutil.copyfile(tok_src, tmp / name)
-            tok_entry = {"kind": tok_kind, "file": name}
-        log.info("[3/4] state table (%d tensors) and tokenizer (%s) written", len(state), tok_kind or "none")
+            shutil.copyfile(tok_src, tmp / tok_entry["file"])
+        log.info("[3/4] state table (%d tensors) and tokenizer (%s) written", len(state),
+                 tok_entry["kind"] if tok_entry else "none")
+        t1 = time.time()
+        tokens = np.random.default_rng(GOLDEN_SEED).integers(0, d.vocab_size, GOLDEN_STEPS).tolist()
+        at_precision = _replay(model, tokens)  # sets the golden tolerance
+        rescale_every = model.rescale_every
+        del model  # the float64 reference needs the memory
+        golden = _golden(ckpt, tokens, at_precision, precision, tmp)
+        log.info("[3/4] golden logits (%d tokens, float64 reference) in %.1fs", len(tokens), time.time() - t1)
         manifest = {
             "format": FORMAT, "rwkv_version": d.version, "n_layer": d.n_layer, "n_embd": d.n_embd,
             "dim_att": d.dim_att, "dim_ffn": d.dim_ffn, "n_head": d.n_head, "head_size": d.head_size,
-            "vocab_size": d.vocab_size, "precision": precision, "wkv": wkv, "opset": opset,
-            "rescale_every": model.rescale_every,
+            "vocab_size": d.vocab_size, "precision": precision, "weights_dtype": NP_DTYPE[dtype],
+            "compute_dtype": NP_DTYPE[dtype], "quantization": None, "wkv": wkv, "opset": opset,
+            "rescale_every": rescale_every,
             "graphs": graphs,
             "state": state,
             "tokenizer": tok_entry,
-            "custom_op_library": op_library,
+            "requires": {"custom_ops": custom_ops},
+            "golden": golden,
+            "engines": [],
             "source": {"path": str(ckpt.path.absolute()), "format": ckpt.format, "sha256": ckpt.sha256},
             "rwkv_deploy_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -155,6 +177,12 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         raise
     log.info("[4/4] exported to %s in %.1fs (%s)", out, time.time() - t0, _size(out))
     return out
+
+
+def _phase(progress, done: int, what: str) -> None:
+    """Report which of the export's 4 phases runs next (the CLI shows it; tracing itself cannot report steps)."""
+    if progress:
+        progress(done, 4, what)
 
 
 def _graph_entry(file: str, external: bool, tokens_shape: list, vocab: int) -> dict:
@@ -351,24 +379,65 @@ def _state_entries(model: RWKV, folder: Path) -> list[dict]:
     return entries
 
 
-def _find_tokenizer(ckpt, given) -> tuple[Path | None, str | None]:
-    if given is not None:
-        path = Path(given)
-        tok = load_tokenizer(path)  # validates the file
-        if tok.vocab_size > ckpt.dims.vocab_size:
-            raise RWKVDeployError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocab is "
-                                  f"{ckpt.dims.vocab_size}; pass the tokenizer the model was trained with")
-        return path, tokenizer_kind(path)
-    if ckpt.tokenizer_file is not None:
-        return ckpt.tokenizer_file, "hf-tokenizers"
-    if ckpt.dims.vocab_size == 65536:
-        world = world_vocab_path()
-        if world is None:
+def _find_tokenizer(ckpt, given) -> tuple[Path | None, dict | None]:
+    """The tokenizer file to copy in (given, the HF folder's own, or World's for vocab 65536) and its manifest
+    entry; checked here, before the slow work, so that a wrong file fails fast."""
+    path = Path(given) if given is not None else ckpt.tokenizer_file
+    if path is None and ckpt.dims.vocab_size == 65536:
+        path = world_vocab_path()
+        if path is None:
             log.warning("vocab 65536 suggests the RWKV World tokenizer, but the `rwkv` package that ships it is not "
                         "installed; exporting without a tokenizer (pip install rwkv, or pass --tokenizer)")
-        return world, "rwkv-world" if world else None
-    log.warning("no tokenizer: pass --tokenizer FILE (e.g. 20B_tokenizer.json for Pile models) to use `run`")
-    return None, None
+            return None, None
+    if path is None:
+        log.warning("no tokenizer: pass --tokenizer FILE (e.g. 20B_tokenizer.json for Pile models) to use `run`")
+        return None, None
+    return path, tokenizer_entry(path, ckpt.dims.vocab_size)
+
+
+def _replay(model: RWKV, tokens: list[int]) -> np.ndarray:
+    """Logits [T, V] (float64) of `tokens` fed one at a time from the initial state, batch 1."""
+    state, rows = model.init_state(1), []
+    with torch.no_grad():
+        for t in tokens:
+            logits, state = model.step(torch.tensor([t]), state)
+            rows.append(logits[0].double().numpy())
+    return np.stack(rows)
+
+
+def _golden(ckpt, tokens: list[int], at_precision: np.ndarray, precision: str, folder: Path) -> dict:
+    """Write the golden logits (design.md §2) into `folder`; returns manifest["golden"].
+
+    The logits are the float64 reference's: what every client can reproduce with the step graph, held against
+    exact math rather than against another implementation at some precision. The tolerance scales with how far
+    our PyTorch reference at the export's precision (`at_precision`, same tokens) is from float64, as verify's
+    verdict does (design.md §5): the first steps from the initial state are the worst conditioned, and how badly
+    depends on the model. Measured on random 12x768 exports (vocab 65536), ONNX Runtime CPU sits from float64 at
+    up to 3e-6..3e-5 (fp32) and 3e-3..9e-2 (fp16), 1-3x further than the reference at its precision; the floors
+    leave room for clients on other hardware, the caps still fail a wrong graph.
+    """
+    exact = _replay(RWKV(ckpt, torch.float64).eval(), tokens)
+    (folder / GOLDEN_FILE).parent.mkdir(exist_ok=True)
+    exact.astype("<f4").tofile(folder / GOLDEN_FILE)
+    floor, cap = GOLDEN_BOUNDS[precision]
+    allowed = min(max(GOLDEN_FACTOR * float(normalised(at_precision, exact).max()), floor), cap)
+    return {"tokens": tokens, "logits_file": GOLDEN_FILE, "shape": list(exact.shape), "dtype": "float32",
+            "tolerance": {"normalised": float(f"{allowed:.2g}"), "top1": 1.0}}
+
+
+def _custom_ops(folder: Path, graphs: dict, domain: str) -> list[str]:
+    """The op types of `domain` that the graphs use (Loop bodies included), read back from the files."""
+    import onnx
+
+    def walk(graph):
+        for node in graph.node:
+            if node.domain == domain:
+                yield node.op_type
+            for attr in node.attribute:
+                yield from (op for g in [attr.g, *attr.graphs] for op in walk(g))
+
+    return sorted({op for g in graphs.values()
+                   for op in walk(onnx.load(str(folder / g["file"]), load_external_data=False).graph)})
 
 
 def _size(folder: Path) -> str:

@@ -103,7 +103,10 @@ def export_graph(module: nn.Module, model: RWKV, tokens: torch.Tensor, path: Pat
         register_for_export()
         custom = {DOMAIN: OPSET}
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings
+        # The TorchScript exporter (and helpers it calls) is deprecated, but it is the one that keeps the scripted
+        # WKV loops as ONNX Loop nodes with a dynamic trip count.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # no TracerWarning is silenced: one means a wrong graph (tests turn it into an error)
         torch.onnx.export(module, example, str(raw), dynamo=False, opset_version=opset, input_names=[TOKENS, *ins],
                           output_names=[LOGITS, *outs], dynamic_axes=axes, do_constant_folding=True,
                           custom_opsets=custom)

@@ -1,10 +1,15 @@
 """What every RWKV version module provides. A version states only what differs (design.md §3)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
 from .common import Dims, Params, StateKind
 from .wkv import WKVOps
+
+if TYPE_CHECKING:
+    from .synthetic import Draw
 
 Shapes = dict[str, tuple[int, ...]]  # key suffix after `blocks.{i}.` -> canonical shape (time_* squeezed)
 
@@ -14,6 +19,16 @@ class Version:
     rescalable: bool = True  # halving the residual stream for fp16 (spec §8.1); v7 has none
     ln0_in_storage_dtype: bool = True  # [PKG] folds ln0 before upcasting for v4-v6, in fp32 for v7 (spec §8.4)
     fp32_keys: frozenset[str] = frozenset()  # prepared keys that stay fp32 in an fp16 model (spec §8.2)
+    random_lora: dict[str, int] = {}  # LoRA widths of random checkpoints (small: tests run many of them)
+
+    def detect(self, sd: dict[str, Tensor]) -> bool:
+        """Whether the keys of `sd` carry this version's signature (spec §2). A newer version's checkpoint can
+        carry an older one's keys too (v6 has v5's ln_x and gate), so versions.py tries them newest first."""
+        raise NotImplementedError
+
+    def released_dim_ffn(self, n_embd: int) -> int:
+        """The FFN width released models of this version use (spec §2); random checkpoints use it too."""
+        return 4 * n_embd
 
     def read_dims(self, sd: dict[str, Tensor], d: Dims) -> None:
         """Fill head count/size and LoRA widths of `d` from the shapes of layer 0."""
@@ -26,6 +41,11 @@ class Version:
     def optional_shapes(self, d: Dims, i: int) -> Shapes:
         """Keys accepted in layer i when present."""
         return {}
+
+    def random_layer(self, d: Dims, draw: Draw) -> dict[str, Tensor]:
+        """One layer's att.* and ffn.* tensors with random values, in the shapes released files store (the
+        caller draws ln1/ln2, alike for every version first). For tests and the demo (models/synthetic.py)."""
+        raise NotImplementedError
 
     def prepare(self, p: dict[str, Tensor], d: Dims, i: int) -> dict[str, Tensor]:
         """Load-time preprocessing of one layer (spec §4); float32 or float64 in, same dtype out."""

@@ -152,7 +152,8 @@ def _read_safetensors(path: Path) -> dict:
 def _torch_load(path: Path) -> dict:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns before refusing a pickle; our error says it all
+            # torch's weights-only unpickler warns (UserWarning) before refusing a pickle; our error says it all
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._weights_only_unpickler")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))

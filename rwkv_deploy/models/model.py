@@ -11,7 +11,7 @@ from ..errors import RWKVDeployError, check_batch
 from .checkpoint import Checkpoint, load_checkpoint
 from .common import Dims, Params, StateKind, layer_norm
 from .versions import VERSIONS
-from .wkv import PORTABLE
+from .wkv import PORTABLE, PORTABLE_STEP
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16}
 
@@ -67,6 +67,7 @@ class RWKV(nn.Module):
         else:
             ops = PORTABLE
         self.wkv, self.wkv_ops = wkv, ops
+        self.step_ops = PORTABLE_STEP if wkv == "portable" else ops  # a fused operator takes any T
         d = ckpt.dims
         V = VERSIONS[d.version]
         self.dims, self.version, self.dtype = d, V, dtype
@@ -117,10 +118,14 @@ class RWKV(nn.Module):
             if tuple(t.shape) != (batch, *s.shape) or t.dtype != s.dtype:
                 raise RWKVDeployError(f"{s.name}: expected {s.dtype} {[batch, *s.shape]}, got {t.dtype} {list(t.shape)}")
 
-    def forward(self, tokens: Tensor, state: list[Tensor], last_only: bool = False) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, tokens: Tensor, state: list[Tensor], last_only: bool = False, single_step: bool = False
+                ) -> tuple[Tensor, list[Tensor]]:
         """tokens [B, T] int64 -> logits [B, T, V] ([B, 1, V] if last_only) and the state after the last token.
 
-        Logits are float32, or float64 for a float64 model."""
+        Logits are float32, or float64 for a float64 model. single_step (T = 1) runs the recurrence's cell
+        instead of its sequence form: chosen here, not from T inside the recurrence, so that tracing never bakes
+        a shape test into a graph."""
+        ops = self.step_ops if single_step else self.wkv_ops
         kinds = self.kinds
         x = self.emb[tokens]  # [B, T, C]
         carry, new = None, []
@@ -128,7 +133,7 @@ class RWKV(nn.Module):
             st = dict(zip(kinds, state[i * len(kinds):(i + 1) * len(kinds)]))
             xx = layer_norm(x, blk.ln1)  # [B, T, C]
             sx = torch.cat([st["att_x"].unsqueeze(1), xx[:, :-1]], 1)  # token shift: previous normalised input
-            out, wkv_state, carry = self.version.time_mix(blk.att, xx, sx, st, carry, self.wkv_ops)
+            out, wkv_state, carry = self.version.time_mix(blk.att, xx, sx, st, carry, ops)
             x = x + out
             xf = layer_norm(x, blk.ln2)  # [B, T, C]
             sf = torch.cat([st["ffn_x"].unsqueeze(1), xf[:, :-1]], 1)
@@ -143,7 +148,7 @@ class RWKV(nn.Module):
 
     def step(self, tokens: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """tokens [B] int64 -> logits [B, V] float32 and the new state."""
-        logits, state = self.forward(tokens[:, None], state)
+        logits, state = self.forward(tokens[:, None], state, single_step=True)
         return logits[:, 0], state
 
 

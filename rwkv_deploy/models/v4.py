@@ -26,9 +26,26 @@ def projection_shapes(d: Dims, names=("key", "value", "receptance")):
     return {**{f"att.{n}.weight": (d.dim_att, d.n_embd) for n in names}, "att.output.weight": (d.n_embd, d.dim_att)}
 
 
+def random_projections(d: Dims, draw) -> dict[str, Tensor]:
+    """att receptance/key/value/output weights, drawn in that order by every version (before its other att.*)."""
+    C, A = d.n_embd, d.dim_att
+    return {"att.receptance.weight": draw.linear(A, C), "att.key.weight": draw.linear(A, C),
+            "att.value.weight": draw.linear(A, C), "att.output.weight": draw.linear(C, A, 0.5)}
+
+
+def random_ffn_v4(d: Dims, draw, mix_k="ffn.time_mix_k", mix_r="ffn.time_mix_r") -> dict[str, Tensor]:
+    """v4-v6 channel mix (v6 names its coefficients time_maa_*)."""
+    C, F_ = d.n_embd, d.dim_ffn
+    return {mix_k: draw.mix(C), mix_r: draw.mix(C), "ffn.key.weight": draw.linear(F_, C),
+            "ffn.receptance.weight": draw.linear(C, C), "ffn.value.weight": draw.linear(C, F_, 0.5)}
+
+
 class V4(Version):
     name = "4"
     fp32_keys = frozenset({"att.w", "att.u"})
+
+    def detect(self, sd):
+        return True  # tried last: a checkpoint with none of the later versions' keys (spec §2)
 
     def read_dims(self, sd, d):
         d.n_head, d.head_size = 1, d.dim_att  # v4 has no heads; every channel is its own recurrence
@@ -37,6 +54,13 @@ class V4(Version):
         C, A = d.n_embd, d.dim_att
         return {"att.time_mix_k": (C,), "att.time_mix_v": (C,), "att.time_mix_r": (C,),
                 "att.time_decay": (A,), "att.time_first": (A,), **projection_shapes(d), **ffn_shapes_v4(d)}
+
+    def random_layer(self, d, draw):
+        proj = random_projections(d, draw)
+        p = {f"att.time_mix_{x}": draw.mix(d.n_embd) for x in "kvr"}
+        p.update({"att.time_decay": draw.uniform(-5, 2, d.dim_att), "att.time_first": draw.uniform(-2, 0.5, d.dim_att),
+                  **proj})
+        return {**p, **random_ffn_v4(d, draw)}
 
     def prepare(self, p, d, i):
         p["att.w"] = -torch.exp(p.pop("att.time_decay"))  # [A], < 0

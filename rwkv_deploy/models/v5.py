@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .base import Version
 from .common import Params, StateKind, group_norm_heads, mix
-from .v4 import channel_mix_v4, ffn_shapes_v4, projection_shapes
+from .v4 import channel_mix_v4, ffn_shapes_v4, projection_shapes, random_ffn_v4, random_projections
 
 
 def attend_v5(att: Params, r: Tensor, k: Tensor, v: Tensor, w: Tensor, S: Tensor, out_dtype, ops):
@@ -35,6 +35,17 @@ class V5(Version):
         self.gate = name != "5.0"
         self.per_channel_decay = name == "5.2"
 
+    def detect(self, sd):
+        """ln_x present; the gate from 5.1 on; 5.2's decay per head and key channel [H, N], 5.1's per head [H]."""
+        if "blocks.0.att.ln_x.weight" not in sd or ("blocks.0.att.gate.weight" in sd) != self.gate:
+            return False
+        td = sd.get("blocks.0.att.time_decay")
+        per_channel = td is not None and td.squeeze().dim() == 2
+        return not self.gate or per_channel == self.per_channel_decay
+
+    def released_dim_ffn(self, n_embd):
+        return int(3.5 * n_embd) // 32 * 32
+
     def read_dims(self, sd, d):
         td = sd["blocks.0.att.time_decay"].squeeze()
         if self.per_channel_decay:
@@ -57,6 +68,18 @@ class V5(Version):
 
     def optional_shapes(self, d, i):
         return {"att.time_state": (d.n_head, d.head_size, d.head_size)}
+
+    def random_layer(self, d, draw):
+        C, A = d.n_embd, d.dim_att
+        hw = (d.n_head, d.head_size) if self.per_channel_decay else (d.n_head,)
+        proj = random_projections(d, draw)
+        p = {f"att.time_mix_{x}": draw.mix(C) for x in "kvr"}
+        p.update({"att.time_decay": draw.uniform(-6, 1, *hw), **proj, **draw.layer_norm("att.ln_x", A)})
+        # 5.0 files carry time_first (exp'd at load); 5.1/5.2 carry time_faaaa (used as is)
+        p["att.time_first" if self.name == "5.0" else "att.time_faaaa"] = draw.uniform(-1, 1, *hw)
+        if self.gate:
+            p.update({"att.time_mix_g": draw.mix(C), "att.gate.weight": draw.linear(A, C)})
+        return {**p, **random_ffn_v4(d, draw)}
 
     def prepare(self, p, d, i):
         H, N = d.n_head, d.head_size

@@ -5,16 +5,20 @@ import torch
 import torch.nn.functional as F
 
 from .common import lerp, relu_sq
-from .v4 import projection_shapes
+from .v4 import projection_shapes, random_ffn_v4, random_projections
 from .v5 import V5, attend_v5, heads
 
 
 class V6(V5):
     fp32_keys = frozenset({"att.time_decay", "att.u", "att.ln_x.weight", "att.ln_x.bias"})
+    random_lora = {"Dm": 8, "Dd": 16}
 
     def __init__(self):
         super().__init__("5.2")  # gate and per-channel decay
         self.name = "6"
+
+    def detect(self, sd):
+        return any("time_maa" in k for k in sd)
 
     def read_dims(self, sd, d):
         d.n_head, d.head_size = sd["blocks.0.att.time_faaaa"].squeeze().shape
@@ -30,6 +34,17 @@ class V6(V5):
                 "att.ln_x.weight": (A,), "att.ln_x.bias": (A,),
                 "ffn.time_maa_k": (C,), "ffn.time_maa_r": (C,), "ffn.key.weight": (F_, C),
                 "ffn.receptance.weight": (C, C), "ffn.value.weight": (C, F_)}
+
+    def random_layer(self, d, draw):
+        C, A, H, N = d.n_embd, d.dim_att, d.n_head, d.head_size
+        Dm, Dd = d.lora["Dm"], d.lora["Dd"]
+        proj = random_projections(d, draw)
+        p = {f"att.time_maa_{x}": draw.mix(C) for x in "xwkvrg"}
+        p.update({"att.time_maa_w1": draw.lora(C, 5 * Dm), "att.time_maa_w2": draw.lora(5, Dm, C),
+                  "att.time_decay": draw.uniform(-6, 1, 1, 1, A), "att.time_decay_w1": draw.lora(C, Dd),
+                  "att.time_decay_w2": draw.lora(Dd, A), "att.time_faaaa": draw.uniform(-1, 1, H, N), **proj,
+                  "att.gate.weight": draw.linear(A, C), **draw.layer_norm("att.ln_x", A)})
+        return {**p, **random_ffn_v4(d, draw, "ffn.time_maa_k", "ffn.time_maa_r")}
 
     def prepare(self, p, d, i):
         p["att.u"] = p.pop("att.time_faaaa")  # [H, N]; time_decay stays raw: the LoRA is added per token

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from .base import Version
 from .common import StateKind, group_norm_heads, lerp, relu_sq
+from .v4 import random_projections
 from .v5 import heads
 
 NORMALIZE_EPS = 1e-12  # F.normalize default, as in [PKG]
@@ -19,6 +20,10 @@ class V7(Version):
     rescalable = False
     ln0_in_storage_dtype = False
     fp32_keys = frozenset({"att.w0", "att.ln_x.weight", "att.ln_x.bias"})
+    random_lora = {"Dw": 16, "Da": 16, "Dv": 8, "Dg": 32}
+
+    def detect(self, sd):
+        return any(f"blocks.0.att.{k}" in sd for k in ("r_k", "x_r", "w0", "k_k"))
 
     def read_dims(self, sd, d):
         d.n_head, d.head_size = sd["blocks.0.att.r_k"].shape
@@ -41,6 +46,20 @@ class V7(Version):
 
     def optional_shapes(self, d, i):
         return {"att.v0": (d.n_embd,), **self._lora_shapes(d, "v")} if i == 0 else {}
+
+    def random_layer(self, d, draw):
+        C, F_, lora = d.n_embd, d.dim_ffn, d.lora
+        proj = random_projections(d, draw)
+        p = {f"att.x_{x}": draw.mix(C) for x in "rwkvag"}
+        for x, lo, hi in (("w", -5, 2), ("a", -1, 1), ("v", -1, 1)):  # v0..v2 in layer 0 too, as released
+            D = lora[f"D{x}"]
+            p.update({f"att.{x}0": draw.uniform(lo, hi, 1, 1, C), f"att.{x}1": draw.lora(C, D),
+                      f"att.{x}2": draw.lora(D, C)})
+        p.update({"att.g1": draw.lora(C, lora["Dg"]), "att.g2": draw.normal(lora["Dg"], C) / lora["Dg"] ** 0.5,
+                  "att.k_k": draw.uniform(0.5, 1, 1, 1, C), "att.k_a": draw.uniform(0.5, 1.5, 1, 1, C),
+                  "att.r_k": draw.normal(d.n_head, d.head_size) * 0.2, **proj, **draw.layer_norm("att.ln_x", C)})
+        return {**p, "ffn.x_k": draw.mix(C), "ffn.key.weight": draw.linear(F_, C),
+                "ffn.value.weight": draw.linear(C, F_, 0.5)}
 
     def prepare(self, p, d, i):
         if i == 0:  # present in layer 0 of released files but unused ([PKG] empties them)

@@ -192,28 +192,41 @@ def _steps(x: Tensor) -> Tensor:
     return torch._shape_as_tensor(x)[1]  # traced as Shape + Gather, so it stays dynamic in ONNX
 
 
+# The decode step (T = 1) and the sequence form are separate functions, chosen by the caller (RWKV.step vs
+# RWKV.forward), never by looking at T inside traced code: the step graph and the prefill graph are traced from
+# different entry points, and a data-dependent branch would be frozen into whichever graph was traced.
+
+def step_wkv4(w, u, k, v, aa, bb, pp):
+    """k, v [B, 1, A] -> wkv [B, 1, A], (aa, bb, pp): the decode step, the cell alone."""
+    y, aa, bb, pp = wkv4(w, u, k[:, 0], v[:, 0], aa, bb, pp)
+    return y.unsqueeze(1), (aa, bb, pp)
+
+
 def run_wkv4(w, u, k, v, aa, bb, pp):
-    """k, v [B, T, A] -> wkv [B, T, A], (aa, bb, pp)."""
-    if k.shape[1] == 1:
-        y, aa, bb, pp = wkv4(w, u, k[:, 0], v[:, 0], aa, bb, pp)
-        return y.unsqueeze(1), (aa, bb, pp)
+    """k, v [B, T, A] -> wkv [B, T, A], (aa, bb, pp), for any T >= 1."""
     y, aa, bb, pp = _wkv4_seq(w, u, k, v, aa, bb, pp, _steps(k), CHUNK)
     return y, (aa, bb, pp)
 
 
+def step_wkv5(r, k, v, w, u, S):
+    """r, k, v, w [B, 1, H, N] -> y [B, 1, H, N], S."""
+    y, S = wkv5(r[:, 0], k[:, 0], v[:, 0], w[:, 0], u, S)
+    return y.unsqueeze(1), S
+
+
 def run_wkv5(r, k, v, w, u, S):
-    """r, k, v, w [B, T, H, N] -> y [B, T, H, N], S."""
-    if r.shape[1] == 1:
-        y, S = wkv5(r[:, 0], k[:, 0], v[:, 0], w[:, 0], u, S)
-        return y.unsqueeze(1), S
+    """r, k, v, w [B, T, H, N] -> y [B, T, H, N], S, for any T >= 1."""
     return _wkv5_seq(r, k, v, w, u, S, _steps(r), CHUNK)
 
 
+def step_wkv7(r, w, k, v, a, b, S):
+    """r, w, k, v, a, b [B, 1, H, N] -> y [B, 1, H, N], S."""
+    y, S = wkv7(r[:, 0], w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], S)
+    return y.unsqueeze(1), S
+
+
 def run_wkv7(r, w, k, v, a, b, S):
-    """r, w, k, v, a, b [B, T, H, N] -> y [B, T, H, N], S."""
-    if r.shape[1] == 1:
-        y, S = wkv7(r[:, 0], w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], S)
-        return y.unsqueeze(1), S
+    """r, w, k, v, a, b [B, T, H, N] -> y [B, T, H, N], S, for any T >= 1."""
     return _wkv7_seq(r, w, k, v, a, b, S, _steps(r))
 
 
@@ -228,3 +241,4 @@ class WKVOps:
 
 
 PORTABLE = WKVOps(run_wkv4, run_wkv5, run_wkv7)
+PORTABLE_STEP = WKVOps(step_wkv4, step_wkv5, step_wkv7)

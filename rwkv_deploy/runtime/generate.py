@@ -1,7 +1,10 @@
-"""Sampling and streaming generation over any session with init_state/step/forward. numpy only."""
+"""Sampling and streaming generation over any Session (runtime/contract.py): ONNX Runtime, the PyTorch
+reference, or anything with init_state/step/forward and get_tokenizer. numpy only."""
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -35,12 +38,30 @@ def check_prompt(prompt: str) -> None:
         raise RWKVDeployError(f"the prompt is not valid UTF-8 ({what} at position {e.start}); pass UTF-8 text")
 
 
+@dataclass
+class GenerationStats:
+    """What generate() did, filled in as it runs: the prompt (one forward call) and the generated tokens
+    (sampling, decoding and the steps between them), in wall-clock seconds."""
+
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        """e.g. "24 tokens in 0.51 s: 47.1 tokens/s (prompt 8 tokens in 0.02 s)"."""
+        rate = f"{self.tokens / self.seconds:.1f}" if self.seconds > 0 else "-"
+        return (f"{self.tokens} tokens in {self.seconds:.2f} s: {rate} tokens/s "
+                f"(prompt {self.prompt_tokens} tokens in {self.prompt_seconds:.2f} s)")
+
+
 def generate(session, prompt: str, max_tokens: int = 100, temperature: float = 1.0, top_p: float = 0.85,
-             seed: int | None = None, stop_at_eos: bool = True) -> Iterator[str]:
+             seed: int | None = None, stop_at_eos: bool = True,
+             stats: GenerationStats | None = None) -> Iterator[str]:
     """Yield decoded text pieces as they become valid UTF-8. Reproducible for a fixed seed.
 
     The pieces join to exactly the decoded text: a character split across tokens comes out whole, once its last
-    byte has been generated (see TextStream).
+    byte has been generated (see TextStream). Pass a GenerationStats as `stats` to get counts and timings.
     """
     if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1 or max_tokens < 0:
         raise RWKVDeployError(f"need a finite temperature >= 0, 0 < top_p <= 1, max_tokens >= 0; got {temperature}, "
@@ -53,13 +74,18 @@ def generate(session, prompt: str, max_tokens: int = 100, temperature: float = 1
     if not ids:
         raise RWKVDeployError("the prompt is empty; pass some text with --prompt")
     rng = np.random.default_rng(seed)
-    logits, state = session.forward(np.array([ids]), session.init_state(1))
+    stats = stats if stats is not None else GenerationStats()
+    t0 = time.perf_counter()
+    logits, state = session.forward(np.array([ids]), session.init_state(1))  # [1, V] after the whole prompt
+    stats.prompt_tokens, stats.prompt_seconds = len(ids), time.perf_counter() - t0
+    t0 = time.perf_counter()
     stream = TextStream(tok)
     for n in range(max_tokens):
         # models have more logits than their tokenizer has ids (World: 65536 vs 65530): those are never sampled
         nxt = sample(logits[0][:tok.vocab_size], rng, temperature, top_p)
         if nxt == 0 and stop_at_eos:  # id 0 is end-of-text in both RWKV vocabularies
             break
+        stats.tokens, stats.seconds = n + 1, time.perf_counter() - t0
         piece = stream.push(nxt)
         if piece:
             yield piece

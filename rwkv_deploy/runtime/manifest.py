@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +13,12 @@ import numpy as np
 
 from ..errors import RWKVDeployError
 
-FORMAT = "rwkv-deploy/1"
+FORMAT = "rwkv-deploy/2"  # what exports write
 MANIFEST = "manifest.json"
-SCHEMA = Path(__file__).with_name("manifest.schema.json")
+# every format this rwkv-deploy reads -> its JSON Schema (format 1 is frozen: its schema is never edited again)
+SCHEMAS = {"rwkv-deploy/1": Path(__file__).with_name("manifest.schema.json"),
+           "rwkv-deploy/2": Path(__file__).with_name("manifest-2.schema.json")}
+SCHEMA = SCHEMAS[FORMAT]
 
 
 def resolve_inside(folder: str | Path, rel, key: str) -> Path:
@@ -84,10 +88,35 @@ class Manifest(dict):
             named += [(f"graphs.{name}.{k}", g[k]) for k in ("file", "external_data") if g.get(k) is not None]
         named += [(f"state[{i}].init_file", s["init_file"]) for i, s in enumerate(self["state"])
                   if s.get("init_file") is not None]
-        for key, field in (("tokenizer", "file"), ("custom_op_library", "path")):
+        # only the keys of this manifest's format: the schema checked their types, not those of stray keys
+        v1 = self["format"] == "rwkv-deploy/1"
+        for key, field in [("tokenizer", "file"), ("custom_op_library", "path") if v1 else ("golden", "logits_file")]:
             if self.get(key):
                 named.append((f"{key}.{field}", self[key][field]))
+        if not v1:
+            libraries = (self["requires"]["custom_ops"] or {}).get("libraries", {})
+            named += [(f"requires.custom_ops.libraries.{ep}.path", lib["path"]) for ep, lib in libraries.items()]
+            named += [(f"engines[{i}].file", e["file"]) for i, e in enumerate(self["engines"])]
         return named
+
+    def custom_op_library(self, provider: str = "CPUExecutionProvider") -> dict | None:
+        """The custom-op library for `provider`, from either format, or None (portable export, or none for
+        that provider): {"path": confined Path, "sha256": str | None, "rwkv_deploy_version": str | None}.
+
+        Format 2 pins the library by sha256 (requires.custom_ops); format 1 named it with the version of
+        rwkv-deploy that built it (custom_op_library).
+        """
+        if self["format"] == "rwkv-deploy/1":
+            lib = self.get("custom_op_library")
+            if not lib or lib.get("execution_provider", "CPUExecutionProvider") != provider:
+                return None
+            return {"path": self.path("custom_op_library.path", lib["path"]), "sha256": None,
+                    "rwkv_deploy_version": lib.get("rwkv_deploy_version")}
+        lib = ((self["requires"].get("custom_ops") or {}).get("libraries") or {}).get(provider)
+        if not lib:
+            return None
+        return {"path": self.path(f"requires.custom_ops.libraries.{provider}.path", lib["path"]),
+                "sha256": lib["sha256"], "rwkv_deploy_version": None}
 
 
 REQUIRED = ["format", "rwkv_version", "vocab_size", "precision", "wkv", "graphs", "state"]
@@ -115,8 +144,9 @@ def read_manifest(folder: str | Path) -> Manifest:
     missing = [k for k in REQUIRED if k not in m]
     if missing:
         raise RWKVDeployError(f"{path} lacks {', '.join(missing)}; re-export the model")
-    if m["format"] != FORMAT:
-        raise RWKVDeployError(f"{path} has format {m['format']!r}; this rwkv-deploy reads {FORMAT!r}")
+    if _format(m) is None:
+        raise RWKVDeployError(f"{path} has format {m['format']!r}; this rwkv-deploy reads "
+                              f"{' and '.join(map(repr, SCHEMAS))} (a newer format needs a newer rwkv-deploy)")
     check_schema(m, path)
     m.folder = folder
     for key, rel in m.named_paths():  # refuse a folder that points outside itself before anything is read
@@ -124,9 +154,63 @@ def read_manifest(folder: str | Path) -> Manifest:
     return m
 
 
+# end-of-text spellings of Hugging Face tokenizers, in order of preference (GPT-NeoX/20B, GPT-2: <|endoftext|>)
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
+
+
+def tokenizer_entry(path: str | Path, vocab_size: int, fmt: str = FORMAT) -> dict:
+    """manifest["tokenizer"] for the tokenizer file `path`, once it loads and fits a model of `vocab_size` logits.
+
+    Format 2 adds the id that ends a text and the stop rule: RWKV models end a text with id 0 (World: id 0 has
+    no bytes; 20B: it is <|endoftext|>); another tokenizers file's own end-of-text token is used if it has one.
+    """
+    from .tokenizer import HFTokenizer, load_tokenizer
+
+    path = Path(path)
+    tok = load_tokenizer(path)  # validates the file
+    if tok.vocab_size > vocab_size:
+        raise RWKVDeployError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocab is "
+                              f"{vocab_size}; pass the tokenizer the model was trained with")
+    entry = {"kind": tok.kind, "file": "tokenizer.json" if tok.kind == HFTokenizer.kind else path.name}
+    if fmt != "rwkv-deploy/1":
+        ids = [tok.tok.token_to_id(t) for t in EOS_TOKENS] if tok.kind == HFTokenizer.kind else []
+        eos = next((i for i in ids if i is not None), 0)
+        entry.update(eos_token_id=eos, stop={"token_ids": [eos]})
+    return entry
+
+
+def attach_tokenizer(folder: str | Path, file: str | Path) -> Manifest:
+    """Copy the tokenizer `file` into an export folder and name it in manifest.json, replacing the tokenizer
+    there (if any); no re-export. Returns the updated manifest."""
+    m = read_manifest(folder)
+    src = Path(file)
+    entry = tokenizer_entry(src, m["vocab_size"], m["format"])
+    dst = m.path("tokenizer.file", entry["file"])
+    old = (m.get("tokenizer") or {}).get("file")
+    if not (dst.exists() and dst.samefile(src)):
+        # copied under a temporary name first: the file named by the manifest is whole at every moment
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+        os.close(fd)
+        try:
+            shutil.copyfile(src, tmp)
+            os.chmod(tmp, 0o666 & ~current_umask())
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    m["tokenizer"] = entry
+    check_schema(m, Path(folder) / MANIFEST)
+    write_json_atomic(Path(folder) / MANIFEST, m)
+    if old and old != entry["file"] and old not in {rel for _, rel in m.named_paths()}:
+        m.path("tokenizer.file", old).unlink(missing_ok=True)  # the replaced tokenizer, unless still named
+    return m
+
+
 def check_schema(data, where: Path | str = MANIFEST) -> None:
-    """Validate against manifest.schema.json; the first (most relevant) error becomes an RWKVDeployError."""
-    validator = _validator()  # first: it names the extra to install when jsonschema is missing
+    """Validate against the schema of data["format"] (default: the current format); the first (most relevant)
+    error becomes an RWKVDeployError."""
+    fmt = _format(data) or FORMAT
+    validator = _validator(fmt)  # first: it names the extra to install when jsonschema is missing
     from jsonschema.exceptions import best_match
 
     try:
@@ -135,12 +219,12 @@ def check_schema(data, where: Path | str = MANIFEST) -> None:
         raise RWKVDeployError(f"{where} is nested too deeply to be a manifest; re-export the model")
     if error is not None:
         at = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
-        raise RWKVDeployError(f"{where} does not follow the {FORMAT} schema: at {at}, {error.message[:300]}; "
+        raise RWKVDeployError(f"{where} does not follow the {fmt} schema: at {at}, {error.message[:300]}; "
                               "re-export the model (or fix the file)")
 
 
-@functools.lru_cache(maxsize=1)
-def _validator():
+@functools.lru_cache(maxsize=None)
+def _validator(fmt: str):
     try:
         import jsonschema
     except ImportError:
@@ -149,7 +233,13 @@ def _validator():
     integer = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
         "integer", lambda checker, x: isinstance(x, int) and not isinstance(x, bool))
     cls = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=integer)
-    return cls(json.loads(SCHEMA.read_text()))
+    return cls(json.loads(SCHEMAS[fmt].read_text()))
+
+
+def _format(data) -> str | None:
+    """data["format"] if it is a format this rwkv-deploy reads (the value may be any JSON, even unhashable)."""
+    fmt = data.get("format") if isinstance(data, dict) else None
+    return fmt if isinstance(fmt, str) and fmt in SCHEMAS else None
 
 
 def _json_type(value) -> str:
@@ -172,6 +262,16 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 def current_umask() -> int:
+    """The process umask, read without changing it (Linux >= 4.7 lists it in /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere, only setting it returns it: set and restore. Another thread creating a file between the two
+    # calls would get mode bits from umask 0, so this is the fallback, never the rule.
     mask = os.umask(0)
     os.umask(mask)
     return mask

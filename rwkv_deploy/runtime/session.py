@@ -1,4 +1,7 @@
-"""ONNX Runtime sessions over an export folder, driven by its manifest. Imports no torch."""
+"""ONNX Runtime sessions over an export folder, driven by its manifest, and `open_session` for every backend.
+
+Imports no torch: serving an export needs onnxruntime, numpy and a tokenizer only (design.md §3).
+"""
 from __future__ import annotations
 
 import logging
@@ -6,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RWKVDeployError, check_batch
-from .manifest import Manifest, read_manifest
+from ..errors import RWKVDeployError
+from .contract import Session, State, StateSpec
+from .manifest import MANIFEST, Manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -27,30 +31,69 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-class OnnxSession:
-    """`init_state(batch)` and `step(tokens, state) -> (logits [B, V] float32, state)` on numpy arrays.
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def resolve_providers(providers: str | list | None) -> list:
+    """None (CUDA when this onnxruntime has it, else CPU), "cpu", "cuda", or a list of ONNX Runtime providers
+    (names or (name, options) pairs). A provider this onnxruntime lacks is an error: ONNX Runtime itself would
+    fall back to the CPU with only a warning, and "cuda" would silently measure the CPU."""
+    if providers is None:
+        return default_providers()
+    if isinstance(providers, str):
+        if providers not in PROVIDERS:
+            raise RWKVDeployError(f"unknown provider {providers!r}; expected one of {', '.join(PROVIDERS)}")
+        providers = PROVIDERS[providers]
+    available = _ort().get_available_providers()
+    for p in providers:
+        name = p[0] if isinstance(p, tuple) else p
+        if name not in available:
+            hint = "; pip install onnxruntime-gpu for CUDA" if name == "CUDAExecutionProvider" else ""
+            raise RWKVDeployError(f"{name} is not available in this onnxruntime (it has {', '.join(available)}){hint}")
+    return list(providers)
+
+
+class OnnxSession(Session):
+    """An export folder on ONNX Runtime, behind the Session contract (runtime/contract.py).
+
+    Two ways to run, one contract: `sess.run` with numpy feeds (the state is numpy arrays), or I/O binding
+    (io_binding=True; the default with the CUDA provider), where the state is OrtValues on the provider's device:
+    each step binds the state OrtValues as inputs and fresh device OrtValues as outputs, so the state never
+    crosses to the host between steps; only tokens go in and logits come out. On the CPU provider the binding
+    path computes the same thing (and is how it is tested on machines without a GPU).
 
     trust_custom_ops=True loads the folder's custom-op library even if this installation did not build it
     (loading a library runs its native code; see `_register_library`).
     """
 
-    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None, *,
-                 trust_custom_ops: bool = False):
+    def __init__(self, folder: str | Path, providers: str | list | None = None, threads: int | None = None, *,
+                 trust_custom_ops: bool = False, io_binding: bool | None = None):
         ort = _ort()
+        self._ortvalue = ort.OrtValue
         self.manifest: Manifest = read_manifest(folder)
         self.trust_custom_ops = trust_custom_ops
         self.folder = Path(folder)
         self.states = self.manifest.state
+        self.state_specs = [StateSpec(s.input, tuple(s.shape), s.dtype) for s in self.states]
         self.vocab_size = int(self.manifest["vocab_size"])
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        self.providers = providers or default_providers()
+        self.providers = resolve_providers(providers)
         self._register_library(opts)
         self._step = self._open(ort, "step", opts)
         self._prefill = self._open(ort, "prefill", opts) if "prefill" in self.manifest["graphs"] else None
-        self.tokenizer = None
+        active = self._step.get_providers()  # what ONNX Runtime actually runs, not what was asked for
+        # the device that bound state lives on: the CUDA provider's GPU, else host memory
+        self.device = ("cpu", 0)
+        if "CUDAExecutionProvider" in active:
+            cuda = self._step.get_provider_options().get("CUDAExecutionProvider", {})
+            self.device = ("cuda", int(cuda.get("device_id", 0)))
+        self.io_binding = self.device[0] != "cpu" if io_binding is None else bool(io_binding)
+        self.backend = "onnxruntime " + "/".join(active)
+        if self.io_binding:
+            self.backend += f" with I/O binding (state on {self.device[0]}:{self.device[1]})"
 
     def _register_library(self, opts) -> None:
         """Load the folder's custom-op library, but only one this installation built, unless trusted explicitly.
@@ -58,22 +101,27 @@ class OnnxSession:
         Loading a shared library runs its constructors: an export folder from elsewhere must not run native
         code just by being opened. Every check here reads bytes; nothing is loaded before they all pass.
         """
-        lib = self.manifest.get("custom_op_library")
+        lib = self.manifest.custom_op_library("CPUExecutionProvider")
         if not lib:
             return
         from ..custom_ops.build import file_sha256, is_trusted_library, library_version
 
-        path = self.manifest.path("custom_op_library.path", lib["path"])
+        path = lib["path"]
         how = "rebuild it with `rwkv-deploy build-ops` and re-export with --wkv fused (or export with --wkv portable)"
         if not path.is_file():
             raise RWKVDeployError(f"this export needs the rwkv custom-op library {path}, which is missing; {how}")
-        built = library_version(path)
-        if built != lib.get("rwkv_deploy_version"):
+        digest = file_sha256(path)
+        if lib["sha256"] and digest != lib["sha256"]:  # format 2 pins the exact file, trusted or not
+            raise RWKVDeployError(f"{path} has sha256 {digest[:16]}…, manifest.json requires "
+                                  f"{lib['sha256'][:16]}…: it is not the library this folder was exported with, so it "
+                                  f"was not loaded; {how}")
+        built = lib["rwkv_deploy_version"] and library_version(path)  # format 1 names the version that built it
+        if built != lib["rwkv_deploy_version"]:
             raise RWKVDeployError(f"{path} was built by rwkv-deploy {built}, the manifest expects "
-                                  f"{lib.get('rwkv_deploy_version')}; {how}")
+                                  f"{lib['rwkv_deploy_version']}; {how}")
         if not self.trust_custom_ops and not is_trusted_library(path):
             raise RWKVDeployError(
-                f"{path} (sha256 {file_sha256(path)[:16]}…) is a custom-op library that this installation did not "
+                f"{path} (sha256 {digest[:16]}…) is a custom-op library that this installation did not "
                 "build, so it was not loaded: loading it would run its native code. If you trust where this export "
                 "folder came from, pass --trust-custom-ops (Python: open_session(folder, trust_custom_ops=True)); "
                 f"otherwise {how}")
@@ -121,74 +169,50 @@ class OnnxSession:
                                           f"{_show(shapes[name])} in the graph, {_show(s.shape)} in the manifest; "
                                           "re-export the model")
 
-    def init_state(self, batch: int = 1) -> list[np.ndarray]:
-        return [s.initial(self.folder, check_batch(batch)) for s in self.states]
-
-    def check_inputs(self, tokens: np.ndarray, state: list[np.ndarray], seq: bool = False) -> np.ndarray:
-        tokens = np.asarray(tokens)
-        if tokens.dtype.kind not in "iu" or tokens.ndim != (2 if seq else 1):
-            raise RWKVDeployError(f"tokens must be integer ids of shape {'[batch, seq]' if seq else '[batch]'}, "
-                                  f"got {tokens.dtype} {list(tokens.shape)}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)].flat[0]
-            raise RWKVDeployError(f"token id {bad} is out of range [0, {self.vocab_size})")
-        batch = tokens.shape[0]
-        if len(state) != len(self.states):
-            raise RWKVDeployError(f"state has {len(state)} tensors, the manifest lists {len(self.states)}")
-        for s, t in zip(self.states, state):
-            want = [batch, *s.shape[1:]]
-            if list(t.shape) != want or t.dtype != np.dtype(s.dtype):
-                raise RWKVDeployError(f"state {s.input}: expected {s.dtype} {want}, got {t.dtype} {list(t.shape)}")
-        return tokens.astype(np.int64)
-
-    def step(self, tokens, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        return self._run(self._step, "step", self.check_inputs(tokens, state), state)
-
-    def _run(self, sess, graph: str, tokens: np.ndarray, state: list[np.ndarray]):
-        g = self.manifest.graph(graph)
-        feeds = {g["tokens"]: tokens, **{s.input: t for s, t in zip(self.states, state)}}
-        out = sess.run([g["logits"], *(s.output for s in self.states)], feeds)
-        return out[0], out[1:]
-
     @property
     def has_prefill(self) -> bool:
         return self._prefill is not None
 
-    def prefill(self, tokens, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """tokens [B, T] through the prefill graph -> logits and the state after the last token.
+    def _initial(self, batch: int) -> dict:
+        return {s.input: self._to_device(s.initial(self.folder, batch)) for s in self.states}
 
-        logits are [B, V] (last position) or [B, T, V] for exports made with `--prefill all`.
-        """
-        if self._prefill is None:
-            raise RWKVDeployError(f"{self.folder} has no prefill graph; re-export with --prefill")
-        tokens = self.check_inputs(tokens, state, seq=True)
-        if tokens.shape[1] == 0:
-            raise RWKVDeployError("prefill needs at least one token")
-        return self._run(self._prefill, "prefill", tokens, state)
+    def _to_device(self, array: np.ndarray):
+        return self._ortvalue.ortvalue_from_numpy(array, *self.device) if self.io_binding else array
 
-    def forward(self, tokens, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """tokens [B, T] -> logits of the last position [B, V] and the state after it.
+    def _to_host(self, value) -> np.ndarray:
+        return np.array(value.numpy() if self.io_binding else value)  # OrtValue.numpy() copies from the GPU
 
-        Uses the prefill graph when the export has one, else one step per token.
-        """
-        if self._prefill is not None:
-            logits, state = self.prefill(tokens, state)
-            return (logits[:, -1] if logits.ndim == 3 else logits), state
-        tokens = self.check_inputs(tokens, state, seq=True)
-        logits = None
-        for t in range(tokens.shape[1]):
-            logits, state = self.step(tokens[:, t], state)
-        return logits, state
+    def _run(self, graph: str, tokens: np.ndarray, state: State) -> tuple[np.ndarray, dict]:
+        g = self.manifest.graph(graph)
+        sess = self._step if graph == "step" else self._prefill
+        if not self.io_binding:
+            out = sess.run([g["logits"], *(s.output for s in self.states)], {g["tokens"]: tokens, **state})
+            return out[0], dict(zip(self.state_names, out[1:]))
+        binding = sess.io_binding()
+        binding.bind_cpu_input(g["tokens"], np.ascontiguousarray(tokens))  # a few ids: copied in every call
+        binding.bind_output(g["logits"], "cpu")  # logits go to the host, where sampling runs
+        new = {}
+        for s in self.states:
+            binding.bind_ortvalue_input(s.input, state[s.input])
+            # a fresh buffer on the device for each new state tensor: the input State stays intact (reusable)
+            new[s.input] = self._ortvalue.ortvalue_from_shape_and_type(
+                [state.batch, *s.shape[1:]], np.dtype(s.dtype).type, *self.device)
+            binding.bind_ortvalue_output(s.output, new[s.input])
+        sess.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy(), new  # outputs come in binding order: logits first
 
-    def get_tokenizer(self):
-        if self.tokenizer is None:
-            from .tokenizer import load_tokenizer
+    def _load_tokenizer(self):
+        return manifest_tokenizer(self.manifest)
 
-            entry = self.manifest.get("tokenizer")
-            if not entry:
-                raise RWKVDeployError(f"{self.folder} has no tokenizer; re-export with --tokenizer FILE")
-            self.tokenizer = load_tokenizer(self.manifest.path("tokenizer.file", entry["file"]), entry["kind"])
-        return self.tokenizer
+
+def manifest_tokenizer(manifest: Manifest):
+    """The tokenizer that an export folder ships, as its manifest names it."""
+    from .tokenizer import load_tokenizer
+
+    entry = manifest.get("tokenizer")
+    if not entry:
+        raise RWKVDeployError(f"{manifest.folder} has no tokenizer; re-export with --tokenizer FILE")
+    return load_tokenizer(manifest.path("tokenizer.file", entry["file"]), entry["kind"])
 
 
 def _same_shape(graph_shape, manifest_shape: list) -> bool:
@@ -207,8 +231,47 @@ def _show(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def open_session(folder: str | Path, providers: list[str] | None = None, threads: int | None = None, *,
-                 trust_custom_ops: bool = False) -> OnnxSession:
-    """Open an export folder with ONNX Runtime; trust_custom_ops=True allows a custom-op library that this
-    installation did not build (it runs native code)."""
-    return OnnxSession(folder, providers, threads, trust_custom_ops=trust_custom_ops)
+BACKENDS = ("ort", "torch")
+
+
+def check_backend(backend: str) -> str:
+    if backend == "trt":
+        raise RWKVDeployError("TensorRT backend is not available yet; use --backend ort or torch")
+    if backend not in BACKENDS:
+        raise RWKVDeployError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def torch_device(providers) -> str:
+    """The torch backend's device from the same argument: None or "cpu" -> cpu, "cuda" -> cuda."""
+    if providers not in (None, "cpu", "cuda"):
+        raise RWKVDeployError(f"the torch backend runs on 'cpu' or 'cuda', got providers={providers!r}")
+    return providers or "cpu"
+
+
+def open_session(path: str | Path, backend: str = "ort", providers: str | list | None = None,
+                 threads: int | None = None, *, trust_custom_ops: bool = False,
+                 io_binding: bool | None = None) -> Session:
+    """A Session (runtime/contract.py) on an export folder or a checkpoint.
+
+    backend "ort": an export folder on ONNX Runtime (no torch needed). providers: None (CUDA if available, else
+    CPU), "cpu", "cuda" or a list of ONNX Runtime providers; io_binding: keep the state on the device (default
+    with CUDA). trust_custom_ops=True allows a custom-op library that this installation did not build (it runs
+    native code).
+    backend "torch": the PyTorch reference, on a checkpoint (float32) or on an export folder's source checkpoint
+    at the export's precision; providers None/"cpu"/"cuda" picks the torch device.
+    """
+    check_backend(backend)
+    path = Path(path)
+    folder = path.is_dir() and (path / MANIFEST).is_file()
+    if backend == "torch":
+        from .torch_session import TorchSession
+
+        device = torch_device(providers)
+        if folder:
+            return TorchSession.for_export(read_manifest(path), device=device, threads=threads)
+        return TorchSession(path, device=device, threads=threads)
+    if not folder and (path.is_file() or (path / "config.json").is_file()):
+        raise RWKVDeployError(f"{path} is a checkpoint, not an export folder: export it first (`rwkv-deploy export`), "
+                              "or run it with the PyTorch reference (--backend torch; Python: backend=\"torch\")")
+    return OnnxSession(path, providers, threads, trust_custom_ops=trust_custom_ops, io_binding=io_binding)

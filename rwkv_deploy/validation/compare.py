@@ -18,6 +18,7 @@ import torch
 
 from ..errors import RWKVDeployError
 from ..runtime.manifest import write_json_atomic
+from .metrics import normalised
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ GATES = {
 }
 REFERENCE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16}
 
-
-def normalised(ours: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    """max|Δlogit| / std(exact logits) per row (BlinkDL's metric): [B, V] -> [B]."""
-    return np.abs(ours.astype(np.float64) - exact).max(-1) / exact.std(-1)
 
 
 def state_distance(ours, exact) -> float:
@@ -204,22 +201,32 @@ def _write(path: Path, data: dict) -> None:
 
 
 def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int = 0, session=None,
-           json_path=None, write: bool = True, trust_custom_ops: bool = False) -> Report:
+           json_path=None, write: bool = True, trust_custom_ops: bool = False, backend: str = "ort",
+           providers=None, threads: int | None = None, progress=None) -> Report:
     """Hold the export against float64 and the reference at its precision; writes OUT/verify.json (and json_path).
 
+    The export runs through `session`, or a Session of `backend`: "ort" (ONNX Runtime; providers, threads and
+    trust_custom_ops as in open_session) or "torch" (the PyTorch reference of the checkpoint at the export's
+    precision: a check of that Session and of this harness, which must pass with ratio 1).
     Free-running rows carry their own state; teacher-forced rows get the float64 state each step (cast to each
     model's state dtypes), which isolates one step's error. Both ride in one batch of 2 x `batch` rows.
+    progress(done, total, what), if given, is called after every step (the CLI draws a bar with it).
     """
+    from ..exporters.onnx_graph import state_io_names
     from ..models import load_checkpoint
     from ..models.model import RWKV
-    from ..runtime.session import open_session
+    from ..runtime.manifest import read_manifest
+    from ..runtime.session import check_backend, open_session, torch_device
+    from ..runtime.torch_session import TorchSession
 
     t0 = time.time()
     if steps < 1 or batch < 1:
         raise RWKVDeployError(f"--steps and --batch must be positive, got {steps} and {batch}")
+    check_backend(backend)
     json_path = _writable(json_path) if json_path else None
-    sess = session or open_session(folder, trust_custom_ops=trust_custom_ops)
-    m = sess.manifest
+    m = read_manifest(folder)
+    if session is None and backend == "ort":  # opened first: a folder ONNX Runtime refuses fails before the slow part
+        session = open_session(folder, "ort", providers, threads, trust_custom_ops=trust_custom_ops)
     if m["precision"] not in GATES:
         raise RWKVDeployError(f"{folder}: unknown precision {m['precision']!r} in manifest.json; this rwkv-deploy "
                               f"certifies {', '.join(GATES)}")
@@ -240,32 +247,42 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
         if checkpoint is None:  # the recorded file changed since the export: nothing sound to compare with
             raise RWKVDeployError(f"{what}; pass --checkpoint with the original")
         notes.append(what + "; held against it as asked")  # e.g. the .pth of an export made from .safetensors
+    sess = session or TorchSession.for_export(m, ckpt, torch_device(providers), threads)
     exact = RWKV(ckpt, torch.float64).eval()
     ref = RWKV(ckpt, REFERENCE_DTYPE[m["precision"]]).eval()
+    names = state_io_names(exact)[0]  # the references' state lists, named as the export names its state
+    if sorted(names) != sorted(sess.state_names):
+        raise RWKVDeployError(f"{folder}: the session's state ({sess.state_names[:3]}...) is not the reference's "
+                              f"({names[:3]}...); re-export the model")
+    dtypes = {s.name: np.dtype(s.dtype) for s in sess.state_specs}
     tokens = np.random.default_rng(seed).integers(0, int(m["vocab_size"]), size=(steps, batch))
     free, forced = ModeResult(), ModeResult()
     s_exact, s_ref, s_ours = exact.init_state(batch), ref.init_state(batch), sess.init_state(batch)
-    ours_dtypes = [np.dtype(s.dtype) for s in sess.states]
     B = batch
     with torch.no_grad():
         for t in range(steps):
             before = [x.numpy() for x in s_exact]  # the float64 state that teacher-forced rows start from
             l_exact, s_exact = exact.step(torch.from_numpy(tokens[t]), s_exact)
             e_np, se_np = l_exact.numpy(), [x.numpy() for x in s_exact]
-            tok2 = np.concatenate([tokens[t], tokens[t]])
+            tok2 = np.concatenate([tokens[t], tokens[t]])  # rows [:B] free-running, [B:] teacher-forced
             l_ref, s2 = ref.step(torch.from_numpy(tok2), [torch.cat([a, torch.from_numpy(b).to(a.dtype)])
                                                          for a, b in zip(s_ref, before)])
             s_ref = [x[:B] for x in s2]
             l_ref, sr_np = l_ref.numpy(), [x.numpy() for x in s2]
-            l_ours, so2 = sess.step(tok2, [np.concatenate([a, b.astype(dt)])
-                                           for a, b, dt in zip(s_ours, before, ours_dtypes)])
-            s_ours = [x[:B] for x in so2]
-            free.add(l_ours[:B], l_ref[:B], e_np, s_ours, [x[:B] for x in sr_np], se_np)
+            own = s_ours.to_numpy()  # the export's own state, [B, ...] by name
+            rows = sess.state_from_numpy({n: np.concatenate([own[n], b.astype(dtypes[n])])
+                                          for n, b in zip(names, before)})  # [2B, ...]
+            l_ours, s_rows = sess.step(tok2, rows)
+            so2 = s_rows.to_numpy()
+            so2 = [so2[n] for n in names]  # in the references' order, for the state distances
+            s_ours = sess.state_from_numpy({n: x[:B] for n, x in zip(names, so2)})
+            free.add(l_ours[:B], l_ref[:B], e_np, [x[:B] for x in so2], [x[:B] for x in sr_np], se_np)
             forced.add(l_ours[B:], l_ref[B:], e_np, [x[B:] for x in so2], [x[B:] for x in sr_np], se_np)
-            if (t + 1) % 100 == 0:
+            if progress:
+                progress(t + 1, steps, "verifying")
+            elif (t + 1) % 100 == 0:
                 log.info("verified %d/%d steps", t + 1, steps)
-    backend = "onnxruntime " + "/".join(getattr(sess, "providers", []))
-    report = Report(m["precision"], backend, steps, batch, gate, free, forced, time.time() - t0,
+    report = Report(m["precision"], sess.backend, steps, batch, gate, free, forced, time.time() - t0,
                     f"float64 and {m['precision']} PyTorch references of {Path(src).name}", notes)
     if write:
         _write(Path(folder) / "verify.json", report.to_json())

@@ -16,6 +16,9 @@
 
 #define ORT_API_MANUAL_INIT  // a custom-op library gets the API from the runtime that loads it
 #include "onnxruntime_lite_custom_op.h"
+#ifdef RWKV_WITH_CUDA
+#include "wkv_launchers.h"  // cuda/: the kernels' C launchers (build.py passes -I for it)
+#endif
 
 using Ort::Custom::Tensor;
 using Shape = std::vector<int64_t>;
@@ -216,18 +219,6 @@ Ort::Status WKV7(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
 // Written to ONNX Runtime's documented custom-op API; built by `rwkv-deploy build-ops --cuda`. The launchers
 // it calls are tested on a GPU (tests/test_cuda.py); this glue has been compiled, never run: no machine here
 // has onnxruntime-gpu.
-}  // namespace
-extern "C" {
-int rwkv_wkv4_cuda(int B, int T, int A, const float* w, const float* u, const float* k, const float* v,
-                   const float* aa, const float* bb, const float* pp, float* y, float* aa_out, float* bb_out,
-                   float* pp_out, void* stream);
-int rwkv_wkv5_cuda(int B, int T, int H, int N, const float* r, const float* k, const float* v, const float* w,
-                   const float* u, const float* S, float* y, float* S_out, void* stream);
-int rwkv_wkv7_cuda(int B, int T, int H, int N, const float* r, const float* w, const float* k, const float* v,
-                   const float* a, const float* b, const float* S, float* y, float* S_out, void* stream);
-}
-namespace {
-
 Ort::Status Launched(const char* op, int rc) {
   if (rc == 0) return Ort::Status{nullptr};
   return Ort::Status((std::string("rwkv::") + op + ": CUDA launch failed with error " + std::to_string(rc) +

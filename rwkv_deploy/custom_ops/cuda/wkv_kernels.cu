@@ -1,14 +1,12 @@
 // CUDA kernels of the rwkv-domain WKV operators (the math of rwkv_deploy/models/wkv.py), one token at a time
-// over T (T = 1 is the decode step). Plain C launchers on a caller-given stream, so that the same source
-// serves an ONNX Runtime CUDA-provider op and a TensorRT plugin. All tensors fp32, contiguous, on the device:
-//   wkv4: w,u [A]; k,v [B,T,A]; aa,bb,pp [B,A] -> y [B,T,A]; aa,bb,pp out [B,A]
-//   wkv5: r,k,v,w [B,T,H,N]; u [H,N]; S [B,H,N,N] (key x value) -> y [B,T,H,N]; S out
-//   wkv7: r,w,k,v,a,b [B,T,H,N]; S [B,H,N,N] (value x key)     -> y [B,T,H,N]; S out
+// over T (T = 1 is the decode step). Plain C launchers on a caller-given stream (wkv_launchers.h: shapes and
+// contract), so that the same source serves an ONNX Runtime CUDA-provider op and a TensorRT plugin.
 // Each block owns one (batch row, head) and keeps that head's N x N state in registers: thread j holds one
 // column (v5: a value channel) or one row (v7: a value channel), so the state is read and written once per
 // call, not once per token; the decode step is bound by that state traffic (bench/cuda_bench.py).
-// Launchers return 0, or a cudaError_t value.
 #include <cuda_runtime.h>
+
+#include "wkv_launchers.h"
 
 namespace {
 
@@ -149,7 +147,7 @@ __global__ void wkv7_kernel(int T, int H, const float* __restrict__ r, const flo
 
 }  // namespace
 
-#define RWKV_CUDA_EXPORT extern "C" __attribute__((visibility("default")))
+// C linkage and default visibility come from the declarations in wkv_launchers.h.
 
 RWKV_CUDA_EXPORT int rwkv_wkv4_cuda(int B, int T, int A, const float* w, const float* u, const float* k,
                                     const float* v, const float* aa, const float* bb, const float* pp, float* y,
