@@ -76,8 +76,8 @@ def _report(mode, precision="fp32"):
     (dict(export=[2e-5] * 10, reference=[4e-5] * 10), True),
     (dict(export=[9e-5] * 10, reference=[4e-5] * 10), True),  # within the median factor (3)
     (dict(export=[2e-4] * 10, reference=[4e-5] * 10), False),  # 5x further on every step
-    (dict(export=[3e-5] * 9 + [3e-4], reference=[4e-5] * 10), True),  # one ill-conditioned step, within 8x
-    (dict(export=[3e-5] * 9 + [5e-4], reference=[4e-5] * 10), False),  # 12.5x on the worst step
+    (dict(export=[3e-5] * 9 + [6e-4], reference=[4e-5] * 10), True),  # one ill-conditioned step, within 16x
+    (dict(export=[3e-5] * 9 + [8e-4], reference=[4e-5] * 10), False),  # 20x on the worst step
     (dict(export=[5e-6] * 10, reference=[1e-7] * 10), True),  # tiny model: under the floor
     (dict(export=[2e-3] * 10, reference=[1e-3] * 10), False),  # over the cap, whatever the reference does
     (dict(export=[1e-6] * 10, reference=[1e-6] * 10, state=(5e-3, 1e-7)), False),  # the state gate bites alone

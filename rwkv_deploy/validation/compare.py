@@ -43,11 +43,13 @@ class Gate:
 
 
 # Measured at 12x768: equally correct fp32 implementations (ONNX Runtime, PyTorch at batch 1 or 2, the fused
-# kernel) sit 1e-6..3e-5 from float64 and their worst steps differ by up to 4x, from single ill-conditioned
-# steps (a head whose output variance is far below GroupNorm's eps); medians agree within 1.5x. fp16: 1e-3..3e-2.
+# kernel) sit 1e-6..4e-5 from float64. Their medians agree within 2.1x, but single ill-conditioned steps (a head
+# whose output variance is far below GroupNorm's eps, e.g. step 0 from the zero state) put their worst steps up to
+# 10.3x apart (v6 portable), hence 16x. A matrix with 1 % of its entries damaged lands >= 15,000x away in fp32 and,
+# in fp16, >= 8.9x on the median and >= 43x on the state. fp16 distances: 1e-3..3e-2.
 GATES = {
-    "fp32": Gate(typical=3, worst=8, floor=1e-5, cap=1e-3, state_floor=1e-5, state_cap=1e-3),
-    "fp16": Gate(typical=3, worst=8, floor=1e-3, cap=0.25, state_floor=2e-3, state_cap=0.1),
+    "fp32": Gate(typical=3, worst=16, floor=1e-5, cap=1e-3, state_floor=1e-5, state_cap=1e-3),
+    "fp16": Gate(typical=3, worst=16, floor=1e-3, cap=0.25, state_floor=2e-3, state_cap=0.1),
 }
 REFERENCE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16}
 
