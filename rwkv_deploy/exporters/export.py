@@ -29,7 +29,8 @@ from ..errors import RWKVDeployError
 from ..models import load_checkpoint
 from ..models.model import RWKV
 from ..runtime.manifest import FORMAT, MANIFEST, current_umask, tokenizer_entry, write_json_atomic
-from ..runtime.tokenizer import world_vocab_path
+from ..runtime.tokenizer import default_tokenizer_file
+from ..validation.loop import stepwise
 from ..validation.metrics import normalised
 from .onnx_graph import LOGITS, TOKENS, WEIGHTS_FILE, PrefillGraph, StepGraph, WeightFile, export_graph, state_io_names
 
@@ -382,13 +383,11 @@ def _state_entries(model: RWKV, folder: Path) -> list[dict]:
 def _find_tokenizer(ckpt, given) -> tuple[Path | None, dict | None]:
     """The tokenizer file to copy in (given, the HF folder's own, or World's for vocab 65536) and its manifest
     entry; checked here, before the slow work, so that a wrong file fails fast."""
-    path = Path(given) if given is not None else ckpt.tokenizer_file
+    path = Path(given) if given is not None else default_tokenizer_file(ckpt.tokenizer_file, ckpt.dims.vocab_size)
     if path is None and ckpt.dims.vocab_size == 65536:
-        path = world_vocab_path()
-        if path is None:
-            log.warning("vocab 65536 suggests the RWKV World tokenizer, but the `rwkv` package that ships it is not "
-                        "installed; exporting without a tokenizer (pip install rwkv, or pass --tokenizer)")
-            return None, None
+        log.warning("vocab 65536 suggests the RWKV World tokenizer, but the `rwkv` package that ships it is not "
+                    "installed; exporting without a tokenizer (pip install rwkv, or pass --tokenizer)")
+        return None, None
     if path is None:
         log.warning("no tokenizer: pass --tokenizer FILE (e.g. 20B_tokenizer.json for Pile models) to use `run`")
         return None, None
@@ -397,12 +396,8 @@ def _find_tokenizer(ckpt, given) -> tuple[Path | None, dict | None]:
 
 def _replay(model: RWKV, tokens: list[int]) -> np.ndarray:
     """Logits [T, V] (float64) of `tokens` fed one at a time from the initial state, batch 1."""
-    state, rows = model.init_state(1), []
     with torch.no_grad():
-        for t in tokens:
-            logits, state = model.step(torch.tensor([t]), state)
-            rows.append(logits[0].double().numpy())
-    return np.stack(rows)
+        return stepwise(model, torch.tensor([tokens]))[0][0]
 
 
 def _golden(ckpt, tokens: list[int], at_precision: np.ndarray, precision: str, folder: Path) -> dict:

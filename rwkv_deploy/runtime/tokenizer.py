@@ -243,6 +243,14 @@ def load_tokenizer(path: str | Path, kind: str | None = None):
     return KINDS[kind](path)
 
 
+def default_tokenizer_file(own: Path | None, vocab_size: int) -> Path | None:
+    """The tokenizer a checkpoint implies: an HF folder's own tokenizer.json, else the RWKV World vocabulary for
+    a vocabulary of 65536 (when the `rwkv` package that ships it is installed); None when neither."""
+    if own is not None:
+        return Path(own)
+    return world_vocab_path() if vocab_size == 65536 else None
+
+
 def world_vocab_path() -> Path | None:
     """The World vocabulary that ships in the official `rwkv` wheel, if installed."""
     try:

@@ -14,7 +14,7 @@ from ..models.checkpoint import Checkpoint, load_checkpoint
 from ..models.model import DTYPES, RWKV
 from .contract import Session, State, StateSpec
 from .manifest import Manifest
-from .tokenizer import load_tokenizer, world_vocab_path
+from .tokenizer import default_tokenizer_file, load_tokenizer
 
 # an export's precision -> the reference dtype that computes what the export computes (its fp32 islands too)
 EXPORT_DTYPES = {"fp32": "float32", "fp16": "float16"}
@@ -112,8 +112,7 @@ class TorchSession(Session):
                 raise RWKVDeployError(f"tokenizer {given} has {tok.vocab_size} tokens but the model's vocab is "
                                       f"{self.vocab_size}; pass the tokenizer the model was trained with")
             return tok
-        # the rule export follows (exporters/export.py): the HF folder's own file, else World for vocab 65536
-        path = ckpt.tokenizer_file or (world_vocab_path() if self.vocab_size == 65536 else None)
+        path = default_tokenizer_file(ckpt.tokenizer_file, self.vocab_size)  # the rule export follows
         if path is None:
             raise RWKVDeployError(f"no tokenizer found for {ckpt.path} (vocab {self.vocab_size}): pass "
                                   "TorchSession(..., tokenizer=FILE), or `pip install rwkv` for the World vocabulary")
