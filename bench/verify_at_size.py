@@ -4,7 +4,8 @@ For each version: a random checkpoint (default 12x768, 169M-shaped; vocab 50277 
 fp32 portable, fp32 fused and fp16 exports verified over --steps tokens, and the same three exports of a copy
 with 1 % of one matrix's entries replaced, verified against the original checkpoint over --bad-steps tokens.
 
-    python bench/verify_at_size.py [--versions 7 4 ...] [--steps 1000] [--bad-steps 64] [--json F]
+    python bench/verify_at_size.py [--versions 7 4 ...] [--steps 1000] [--bad-steps 64] [--variants fp32-fused ...]
+        [--json F]
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--bad-steps", type=int, default=64)
     ap.add_argument("--other-steps", type=int, help="steps for the fused and fp16 exports (default: --steps)")
+    ap.add_argument("--variants", nargs="+", default=[f"{p}-{w}" for p, w in VARIANTS],
+                    help="which exports of the correct checkpoint to verify (precision-wkv; the bad copy gets all)")
     ap.add_argument("--json", help="write every report summary here")
     a = ap.parse_args()
 
@@ -47,6 +50,8 @@ def main() -> None:
             del sd
             for ckpt, steps in ((good, a.steps), (bad, a.bad_steps)):
                 for precision, wkv in VARIANTS:
+                    if ckpt == good and f"{precision}-{wkv}" not in a.variants:
+                        continue
                     if ckpt == good and (precision, wkv) != VARIANTS[0] and a.other_steps:
                         steps = a.other_steps
                     out = tmp / "out"
