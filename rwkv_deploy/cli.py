@@ -15,7 +15,7 @@ from .errors import RWKVDeployError, VerificationFailed
 def _inspect(a):
     from .inspect import format_inspect, inspect_checkpoint
 
-    info = inspect_checkpoint(a.checkpoint)
+    info = inspect_checkpoint(a.checkpoint, values=a.values)
     print(json.dumps(info, indent=2) if a.json else format_inspect(info))
 
 
@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="version, dimensions, parameters and state table of a checkpoint")
     s.add_argument("checkpoint", help="BlinkDL .pth, .safetensors, or Hugging Face RWKV-4 folder")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--values", action="store_true",
+                   help="also read every value (NaN/Inf check); by default only headers and shapes are read")
     s.set_defaults(fn=_inspect)
 
     s = sub.add_parser("export", help="checkpoint -> export folder (ONNX graphs + manifest.json)")

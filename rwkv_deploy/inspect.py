@@ -9,8 +9,13 @@ from .models import load_checkpoint
 from .models.model import state_table
 
 
-def inspect_checkpoint(path: str | Path) -> dict:
+def inspect_checkpoint(path: str | Path, values: bool = False) -> dict:
+    """Read from the checkpoint's headers and shapes only (tensors are memory-mapped, not loaded); `values` also
+    reads every value and refuses NaN/Inf, which export and verify check anyway as they read each tensor."""
     ckpt = load_checkpoint(path)
+    if values:
+        for key in ckpt.weights:
+            ckpt.checked(key)
     d = ckpt.dims
     table = state_table(d, torch.float32)
     per_layer = [s for s in table if s.layer == 0]

@@ -91,3 +91,10 @@ def damage_weights(folder: Path) -> None:
     arr *= 1.5
     init.CopyFrom(numpy_helper.from_array(arr, init.name))
     onnx.save(model, str(path))
+
+
+def python_greedy(folder: Path, prompt: str, n: int) -> str:
+    from rwkv_deploy import open_session
+    from rwkv_deploy.runtime.generate import generate
+
+    return "".join(generate(open_session(folder, providers="cpu"), prompt, max_tokens=n, temperature=0))

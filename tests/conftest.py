@@ -100,3 +100,17 @@ def world_model(tmp_path_factory):
 def random_tokens(n, vocab=97, seed=0, batch=None):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n,) if batch is None else (batch, n), generator=g)
+
+@pytest.fixture(scope="session")
+def hf_model(make_ckpt, tmp_path_factory):
+    """A 1-layer RWKV-4 with the GPT-NeoX-20B vocabulary and its tokenizer attached (`rwkv-deploy tokenizer`)."""
+    from rwkv_deploy import export
+
+    from clients_common import hf_20b_tokenizer
+
+    tok = hf_20b_tokenizer()
+    folder = export(make_ckpt("4", vocab_size=50277, n_layer=1, n_embd=32), tmp_path_factory.mktemp("hf") / "out",
+                    prefill="last")
+    r = run_cli("tokenizer", folder, tok)
+    assert r.returncode == 0, r.stderr
+    return folder

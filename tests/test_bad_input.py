@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import one_error_line, run_cli
 
 from rwkv_deploy.errors import RWKVDeployError
 from rwkv_deploy.models import load_checkpoint
@@ -106,7 +106,7 @@ CASE_NAMES = ["empty.pth", "text.pth", "truncated.pth", "list.pth", "mixed.pth",
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_cli_rejects(cases, name):
     path, words = cases[name]
-    r = run_cli("inspect", path)
+    r = run_cli("inspect", path, *(["--values"] if name in VALUE_CASES else []))
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
@@ -115,10 +115,24 @@ def test_cli_rejects(cases, name):
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+VALUE_CASES = ("nan.pth", "inf.safetensors")  # found when the values are read: export, verify, inspect --values
+
+
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_api_raises_one_exception_type(cases, name):
     with pytest.raises(RWKVDeployError):
-        load_checkpoint(cases[name][0])
+        ckpt = load_checkpoint(cases[name][0])
+        for key in ckpt.weights:
+            ckpt.checked(key)
+
+
+@pytest.mark.parametrize("name", VALUE_CASES)
+def test_nan_found_by_export_and_not_by_header_reads(cases, name, tmp_path):
+    path, words = cases[name]
+    r = run_cli("inspect", path)  # headers and shapes only
+    assert r.returncode == 0 and "RWKV-" in r.stdout, r.stderr
+    one_error_line(run_cli("export", path, "-o", tmp_path / "out"), *words)
+    assert not (tmp_path / "out").exists()
 
 
 def test_pickle_that_runs_code_is_never_run(tmp_path):

@@ -139,7 +139,7 @@ def test_export_writes_nothing_on_failure(make_ckpt, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("simulated crash mid-export")
 
-    monkeypatch.setattr(ex, "export_graph", boom)
+    monkeypatch.setattr(ex, "trace_graph", boom)
     with pytest.raises(RuntimeError):
         export(make_ckpt("4"), out, force=True)
     assert (out / "keep.txt").read_text() == "precious"  # the old folder survives

@@ -195,12 +195,12 @@ def test_sweep_removes_only_dead_owners_folders(tmp_path):
 # --- failures while writing ----------------------------------------------------------------------------------------
 
 def test_disk_full_gives_one_error_and_leaves_nothing(make_ckpt, tmp_path, monkeypatch):
-    import onnx
+    import rwkv_deploy.exporters.onnx_graph as og
 
-    def full(proto, path, *a, **k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    def full(f, *a, **k):  # the disk fills while a weight is written into model.onnx
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
 
-    monkeypatch.setattr(onnx, "save_model", full)
+    monkeypatch.setattr(og, "_append_initializer", full)
     with pytest.raises(RWKVDeployError, match="No space left on device") as e:
         ex.export(make_ckpt("4"), tmp_path / "o")
     assert "model.onnx" in str(e.value) and str(tmp_path / "o") in str(e.value)
@@ -209,7 +209,7 @@ def test_disk_full_gives_one_error_and_leaves_nothing(make_ckpt, tmp_path, monke
     monkeypatch.undo()
     out = ex.export(make_ckpt("4"), tmp_path / "o")
     before = sorted(p.name for p in out.iterdir())
-    monkeypatch.setattr(onnx, "save_model", full)
+    monkeypatch.setattr(og, "_append_initializer", full)
     with pytest.raises(RWKVDeployError, match="No space left on device"):
         ex.export(make_ckpt("5.2"), out, force=True)
     assert sorted(p.name for p in out.iterdir()) == before

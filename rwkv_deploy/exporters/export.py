@@ -17,10 +17,12 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from .. import __version__
@@ -30,9 +32,10 @@ from ..models import load_checkpoint
 from ..models.model import RWKV
 from ..runtime.manifest import FORMAT, MANIFEST, current_umask, tokenizer_entry, write_json_atomic
 from ..runtime.tokenizer import default_tokenizer_file
-from ..validation.loop import stepwise
+from ..validation.loop import stepwise_layers
 from ..validation.metrics import normalised
-from .onnx_graph import LOGITS, TOKENS, WEIGHTS_FILE, PrefillGraph, StepGraph, WeightFile, export_graph, state_io_names
+from .onnx_graph import (EXTERNAL_THRESHOLD, LOGITS, TOKENS, WEIGHTS_FILE, PrefillGraph, StepGraph, WeightWriter,
+                         skeleton, state_io_names, trace_graph)
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +99,8 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
     _check_destination(out, force, checkpoint)
     _sweep_stale(out.parent)
     t0 = time.time()
-    ckpt = load_checkpoint(checkpoint)
-    _phase(progress, 1, "tracing the step graph")
-    log.info("[1/4] loaded RWKV-%s %s (%d layers x %d, %s params) in %.1fs", ckpt.version, ckpt.path.name,
+    ckpt = load_checkpoint(checkpoint)  # headers and shapes; each tensor is read when it is written
+    log.info("[1/4] opened RWKV-%s %s (%d layers x %d, %s params) in %.1fs", ckpt.version, ckpt.path.name,
              ckpt.dims.n_layer, ckpt.dims.n_embd, f"{ckpt.n_params:,}", time.time() - t0)
     tok_src, tok_entry = _find_tokenizer(ckpt, tokenizer)
     dtype = PRECISIONS[precision]
@@ -107,7 +109,18 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         from ..custom_ops.build import build_library
 
         library = build_library(ort_include=ort_include)
-    model = RWKV(ckpt, dtype, wkv=wkv).eval()
+    # The graphs are traced from a skeleton (shapes, no values); the real weights are then prepared one layer at a
+    # time from the checkpoint and streamed to the folder: peak memory is about one copy of the export's weights.
+    shape_only = RWKV(replace(ckpt, weights={k: torch.empty(t.shape, dtype=t.dtype, device="meta")
+                                             for k, t in ckpt.weights.items()}), dtype, wkv=wkv)
+    model = skeleton(shape_only.eval())
+    weight_names = {f"model.{n}" for n, _ in model.named_buffers()}
+    weight_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    # one graph: weights inside it unless large; several graphs: always one shared file (each weight stored once)
+    external = external_data if external_data is not None else bool(prefill) or weight_bytes > EXTERNAL_THRESHOLD
+    if not external and weight_bytes > EXTERNAL_THRESHOLD:
+        raise RWKVDeployError(f"{weight_bytes / 1e9:.1f} GB of weights cannot be stored inside one .onnx file "
+                              "(protobuf's 2 GiB limit); export with external data (the default)")
     d = ckpt.dims
     try:
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{_owner()}-"))
@@ -116,24 +129,33 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
         t1 = time.time()
-        weights = WeightFile(tmp / WEIGHTS_FILE)
-        external = export_graph(StepGraph(model), model, torch.zeros(2, dtype=torch.long), tmp / "model.onnx", opset,
-                                external_data, weights)
-        log.info("[2/4] step graph traced and checked in %.1fs", time.time() - t1)
-        _phase(progress, 2, "tracing the prefill graph" if prefill else "writing the state table")
+        _phase(progress, 0, "tracing the graphs")
+        writer = WeightWriter(tmp / WEIGHTS_FILE, external)
+        files = {"step": "model.onnx"}
+        writer.bind(trace_graph(StepGraph(model), model, torch.zeros(2, dtype=torch.long), tmp / "model.onnx", opset),
+                    weight_names, tmp / "model.onnx")
         graphs = {"step": _graph_entry("model.onnx", external, ["batch"], d.vocab_size)}
         if prefill:
-            t1 = time.time()
             # example T = 3: the T = 1 shortcut of models/wkv.py must not be taken, so the WKV becomes a Loop
-            # the same weights: stored with the step graph's when those went to external data
-            export_graph(PrefillGraph(model, prefill == "all"), model, torch.zeros(2, 3, dtype=torch.long),
-                         tmp / "prefill.onnx", opset, external, weights)
+            writer.bind(trace_graph(PrefillGraph(model, prefill == "all"), model, torch.zeros(2, 3, dtype=torch.long),
+                                    tmp / "prefill.onnx", opset), weight_names, tmp / "prefill.onnx")
+            files["prefill"] = "prefill.onnx"
             graphs["prefill"] = _graph_entry("prefill.onnx", external, ["batch", "seq"], d.vocab_size)
             graphs["prefill"]["positions"] = prefill
             if prefill == "all":
                 graphs["prefill"]["logits_shape"] = ["batch", "seq", d.vocab_size]
-            log.info("[2/4] prefill graph traced and checked in %.1fs", time.time() - t1)
-            _phase(progress, 3, "golden logits (float64 reference)")
+        del model, shape_only
+        log.info("[2/4] %s traced in %.1fs", " and ".join(files.values()), time.time() - t1)
+        t1 = time.time()
+        model = RWKV(ckpt, dtype, wkv=wkv, lazy=True).eval()  # real weights, one layer at a time
+        writer.write(((f"model.{n}", t) for n, t in model.prepared_weights()),
+                     progress=progress and (lambda i, n: progress(i, n, "writing weights")))
+        for file in files.values():
+            onnx.checker.check_model(str(tmp / file))  # by path: works past 2 GiB
+        del writer
+        log.info("[2/4] %.2f GB of weights written%s in %.1fs", weight_bytes / 1e9,
+                 f" to {WEIGHTS_FILE}" if external else "", time.time() - t1)
+        _phase(progress, 3, "golden logits (float64 reference)")
         state = _state_entries(model, tmp)
         custom_ops = None
         if library is not None:  # shipped in the folder so that the export runs where it is copied to
@@ -396,8 +418,7 @@ def _find_tokenizer(ckpt, given) -> tuple[Path | None, dict | None]:
 
 def _replay(model: RWKV, tokens: list[int]) -> np.ndarray:
     """Logits [T, V] (float64) of `tokens` fed one at a time from the initial state, batch 1."""
-    with torch.no_grad():
-        return stepwise(model, torch.tensor([tokens]))[0][0]
+    return stepwise_layers(model, torch.tensor([tokens]))[0][0]
 
 
 def _golden(ckpt, tokens: list[int], at_precision: np.ndarray, precision: str, folder: Path) -> dict:
@@ -411,7 +432,7 @@ def _golden(ckpt, tokens: list[int], at_precision: np.ndarray, precision: str, f
     up to 3e-6..3e-5 (fp32) and 3e-3..9e-2 (fp16), 1-3x further than the reference at its precision; the floors
     leave room for clients on other hardware, the caps still fail a wrong graph.
     """
-    exact = _replay(RWKV(ckpt, torch.float64).eval(), tokens)
+    exact = _replay(RWKV(ckpt, torch.float64, lazy=True).eval(), tokens)
     (folder / GOLDEN_FILE).parent.mkdir(exist_ok=True)
     exact.astype("<f4").tofile(folder / GOLDEN_FILE)
     floor, cap = GOLDEN_BOUNDS[precision]

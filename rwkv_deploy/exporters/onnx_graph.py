@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,38 +19,6 @@ PROTOBUF_LIMIT = 2 ** 31 - 1  # a single .onnx file cannot exceed 2 GiB
 EXTERNAL_THRESHOLD = 1_800_000_000  # weights above this go to external data automatically
 TOKENS, LOGITS = "tokens", "logits"
 WEIGHTS_FILE = "weights.onnx.data"
-
-
-class WeightFile:
-    """The external-data file that the graphs of one export share. Each distinct tensor is stored once, found by
-    its bytes: the step and prefill graphs hold the same weights, which would otherwise double the folder."""
-
-    ALIGN = 4096  # page-aligned offsets let a runtime map each tensor instead of copying it
-    MIN_BYTES = 1024  # smaller tensors stay inside the graph
-
-    def __init__(self, path: Path):
-        self.path, self.stored = path, {}  # sha256 of the bytes -> (offset, length)
-
-    def take(self, graph) -> tuple[int, int]:
-        """Move the graph's initializers (raw_data of at least MIN_BYTES) into the file; returns the bytes moved
-        and the bytes the file grew by (tensors it did not hold yet)."""
-        from onnx.external_data_helper import set_external_data
-
-        moved = added = 0
-        with open(self.path, "ab") as f:
-            for t in graph.initializer:
-                if len(t.raw_data) < self.MIN_BYTES:
-                    continue
-                key = hashlib.sha256(t.raw_data).digest()
-                if key not in self.stored:
-                    f.write(b"\0" * (-f.tell() % self.ALIGN))
-                    self.stored[key] = (f.tell(), len(t.raw_data))
-                    f.write(t.raw_data)
-                    added += len(t.raw_data)
-                moved += len(t.raw_data)
-                set_external_data(t, self.path.name, *self.stored[key])
-                t.ClearField("raw_data")
-        return moved, added
 
 
 def state_io_names(model: RWKV) -> tuple[list[str], list[str]]:
@@ -84,18 +53,31 @@ class PrefillGraph(nn.Module):
         return (logits if self.all_positions else logits[:, 0], *new)
 
 
-def export_graph(module: nn.Module, model: RWKV, tokens: torch.Tensor, path: Path, opset: int,
-                 external_data: bool | None, weights: WeightFile) -> bool:
-    """Trace `module` with dynamic batch (and dynamic seq for 2-D tokens); returns whether its weights went to
-    `weights` (external data: when asked, or automatically above EXTERNAL_THRESHOLD)."""
+def skeleton(model: RWKV) -> RWKV:
+    """`model` with every weight replaced by a placeholder that takes no memory: a tensor of the right shape and
+    dtype that views one scalar (stride 0). Tracing needs shapes, not values: a graph traced from the skeleton is
+    the graph of the real weights, which are then written one layer at a time (WeightWriter). Each placeholder has
+    its own value so that the exporter never merges two weights as duplicates."""
+    bits = {torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+    for k, (name, b) in enumerate(list(model.named_buffers())):
+        owner, _, attr = name.rpartition(".")
+        scalar = torch.tensor(k + 1, dtype=bits[b.dtype]).view(b.dtype)  # distinct bit patterns, all finite
+        setattr(model.get_submodule(owner) if owner else model, attr, scalar.expand(b.shape))
+    return model
+
+
+def trace_graph(module: nn.Module, model: RWKV, tokens: torch.Tensor, path: Path, opset: int):
+    """Trace `module` (holding a skeleton model) with dynamic batch (and dynamic seq for 2-D tokens); returns the
+    ONNX ModelProto whose weights are graph inputs named after the model's buffers ("model.blocks.0.att.key.weight"),
+    for WeightWriter.bind to turn into initializers."""
+    import onnx
+
     ins, outs = state_io_names(model)
     all_positions = getattr(module, "all_positions", False)
     axes = {TOKENS: {0: "batch", 1: "seq"} if tokens.dim() == 2 else {0: "batch"},
             LOGITS: {0: "batch", 1: "seq"} if all_positions else {0: "batch"}}
     axes.update({n: {0: "batch"} for n in ins + outs})
     example = (tokens, *model.init_state(tokens.shape[0]))
-    raw = path.parent / "raw" / path.name
-    raw.parent.mkdir()
     custom = {}
     if model.wkv == "fused":
         from ..custom_ops.torch_ops import DOMAIN, OPSET, register_for_export
@@ -106,21 +88,202 @@ def export_graph(module: nn.Module, model: RWKV, tokens: torch.Tensor, path: Pat
         # The TorchScript exporter (and helpers it calls) is deprecated, but it is the one that keeps the scripted
         # WKV loops as ONNX Loop nodes with a dynamic trip count.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        # no TracerWarning is silenced: one means a wrong graph (tests turn it into an error)
-        torch.onnx.export(module, example, str(raw), dynamo=False, opset_version=opset, input_names=[TOKENS, *ins],
-                          output_names=[LOGITS, *outs], dynamic_axes=axes, do_constant_folding=True,
-                          custom_opsets=custom)
+        # no TracerWarning is silenced: one means a wrong graph (tests turn it into an error).
+        # export_params=False: the weights stay graph inputs under their own names (folding them here would
+        # fold placeholders); WeightWriter folds what depends on one weight alone, with the real values.
+        torch.onnx.export(module, example, str(path), dynamo=False, opset_version=opset, input_names=[TOKENS, *ins],
+                          output_names=[LOGITS, *outs], dynamic_axes=axes, do_constant_folding=False,
+                          export_params=False, custom_opsets=custom)
+    proto = onnx.load(str(path))
+    path.unlink()
+    proto.producer_name = "rwkv-deploy"
+    return proto
+
+
+# Ops that WeightWriter evaluates at export time when their only non-constant input is one weight (what the
+# tracer leaves around a weight: F.linear's Transpose, mix's 1 - mu, unsqueezes). Anything else runs in the graph.
+FOLDABLE = {"Transpose", "Sub", "Add", "Mul", "Div", "Neg", "Exp", "Cast", "Unsqueeze", "Squeeze", "Reshape"}
+
+
+def _is_transpose(fold) -> bool:
+    nodes = fold.graph.node
+    return len(nodes) == 1 and nodes[0].op_type == "Transpose" and len(nodes[0].attribute) == 1
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the system (glibc's malloc_trim). Tensors of a few MB come from the heap,
+    which otherwise keeps what a layer used after it is freed: streaming one layer at a time would still grow
+    to many layers' worth. A no-op where the C library has no malloc_trim."""
+    try:
+        _malloc_trim(0)
+    except (NameError, OSError, AttributeError):
+        pass
+
+
+try:
+    import ctypes
+
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):  # not glibc
+    pass
+
+
+def _signature(chain) -> str:
+    """Names a folded weight by what was done to it (op types, attributes, constants), not by the graph's value
+    names, so that the same fold in the step and the prefill graph is one initializer."""
+    h = hashlib.sha256()
+    for n in chain:
+        h.update(n.op_type.encode())
+        for a in n.attribute:
+            h.update(a.SerializeToString())
+    return h.hexdigest()[:12]
+
+
+class WeightWriter:
+    """Writes the graph files of an export and their weights, each weight read once and written straight to disk.
+
+    bind(proto, weight_names, path) turns a traced graph's weight inputs into initializers and folds the nodes that
+    depend on one weight alone into initializers of their own (named after the weight and the folded nodes, so the
+    step and prefill graphs share them). write(named_tensors) then writes each graph file and streams the real
+    tensors into it, one at a time: into the external-data file (page-aligned, shared by all graphs) or inside the
+    graph file, without ever holding more than one tensor.
+
+    A graph file is written as its graph without initializers, followed by one `graph { initializer { ... } }`
+    record per tensor: protobuf merges repeated occurrences of a message field (its encoding spec), so every reader
+    sees one graph holding all the initializers, and the writer needs no copy of the weights in memory.
+    """
+
+    ALIGN = 4096  # page-aligned offsets let a runtime map each tensor instead of copying it
+    MIN_BYTES = 1024  # smaller tensors stay inside each graph (a page of padding apiece would outweigh them)
+
+    def __init__(self, path: Path, external: bool):
+        self.path, self.external = path, external
+        self.graphs = []  # (ModelProto without weights, initializer names it uses, file to write)
+        self.uses: dict[str, list[tuple[str, object]]] = {}  # weight -> [(initializer name, fold model or None)]
+        self.bytes_written = 0
+
+    def bind(self, proto, weight_names: set[str], path: Path) -> None:
+        import onnx
+        from onnx import helper
+
+        g = proto.graph
+        weights = {i.name: i for i in g.input if i.name in weight_names}
+        const = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+        source: dict[str, tuple[str, list]] = {w: (w, []) for w in weights}  # value -> (weight, folded nodes)
+        rename, keep = {}, []
+        for node in g.node:
+            ins = [x for x in node.input if x]
+            roots = {source[x][0] for x in ins if x in source}
+            if (node.op_type in FOLDABLE and len(roots) == 1 and len(node.output) == 1
+                    and all(x in source or x in const for x in ins)):
+                (w,) = roots
+                chain = [n for x in ins if x in source for n in source[x][1]]
+                chain += [const[x] for x in ins if x in const] + [node]
+                source[node.output[0]] = (w, list({id(n): n for n in chain}.values()))
+                continue
+            keep.append(node)
+        used = {x for n in keep for x in n.input} | {o.name for o in g.output}
+        for value, (w, chain) in source.items():
+            if value not in used:
+                continue
+            if not chain:  # the weight itself
+                self._use(w, w, None)
+                continue
+            out = helper.make_tensor_value_info(value, onnx.TensorProto.UNDEFINED, None)
+            fold = helper.make_model(helper.make_graph(chain, "fold", [weights[w]], [out]),
+                                     opset_imports=proto.opset_import)
+            name = f"{w}~{_signature(chain)}"
+            rename[value] = name
+            self._use(w, name, fold)
+        del g.node[:]
+        for node in keep:
+            node.input[:] = [rename.get(x, x) for x in node.input]
+        g.node.extend(keep)
+        inputs = [i for i in g.input if i.name not in weights]
+        del g.input[:]
+        g.input.extend(inputs)
+        self.graphs.append((proto, {rename.get(v, v) for v in used if v in source}, path))
+
+    def _use(self, weight: str, name: str, fold) -> None:
+        entries = self.uses.setdefault(weight, [])
+        if all(n != name for n, _ in entries):
+            entries.append((name, fold))
+
+    def write(self, named_tensors, progress=None) -> None:
+        """Write every bound graph's file, streaming (weight name, tensor) pairs into its initializers."""
+        import onnx
+        from onnx import helper
+        from onnx.reference import ReferenceEvaluator
+
+        done, total, written = 0, len(self.uses), set()
+        with ExitStack() as stack:
+            data = stack.enter_context(open(self.path, "wb")) if self.external else None
+            files = []
+            for proto, names, path in self.graphs:
+                f = stack.enter_context(open(path, "wb"))
+                f.write(proto.SerializeToString())
+                files.append((f, names))
+            for weight, t in named_tensors:
+                for name, fold in self.uses.get(weight, []):
+                    arr = t.detach().cpu().numpy()
+                    if fold is not None and _is_transpose(fold):  # F.linear's: one copy, not the evaluator's three
+                        arr = arr.transpose(list(fold.graph.node[0].attribute[0].ints))
+                    elif fold is not None:
+                        arr = ReferenceEvaluator(fold).run(None, {fold.graph.input[0].name: arr})[0]
+                    arr = np.ascontiguousarray(arr)
+                    tp = onnx.TensorProto(name=name, dims=arr.shape, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
+                    raw = memoryview(arr).cast("B")
+                    if data is not None and arr.nbytes >= self.MIN_BYTES:
+                        data.write(b"\0" * (-data.tell() % self.ALIGN))
+                        tp.data_location = onnx.TensorProto.EXTERNAL
+                        for k, v in (("location", self.path.name), ("offset", data.tell()), ("length", arr.nbytes)):
+                            tp.external_data.add(key=k, value=str(v))
+                        data.write(raw)
+                        raw = None
+                    for f, names in files:
+                        if name in names:
+                            _append_initializer(f, tp, raw)
+                    self.bytes_written += arr.nbytes
+                    written.add(name)
+                    del arr, raw
+                del t
+                release_freed_memory()
+                done += 1
+                if progress:
+                    progress(done, total)
+                elif done % max(1, total // 10) == 0:  # logs (no terminal): every tenth of the way
+                    log.info("wrote %d/%d weights (%.2f GB)", done, total, self.bytes_written / 1e9)
+        missing = [n for _, names, _ in self.graphs for n in names if n not in written]
+        if missing:  # a weight the graph uses that the model did not stream: a bug, not bad input
+            raise RuntimeError(f"weights not written: {missing[:5]}")
+
+
+def _append_initializer(f, tensor, raw) -> None:
+    """Append `graph { initializer { tensor, raw_data: raw } }` to a serialized ModelProto in file f (see
+    WeightWriter); `raw` (bytes-like or None) is written from where it lies, never copied into the message."""
     import onnx
 
-    proto = onnx.load(str(raw))  # also pulls in any per-tensor external files the exporter wrote
-    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-    external = external_data if external_data is not None else weight_bytes > EXTERNAL_THRESHOLD
-    proto.producer_name = "rwkv-deploy"
-    if external:
-        moved, added = weights.take(proto.graph)
-        log.info("weights of %s (%.2f GB): %.2f GB new in %s", path.name, moved / 1e9, added / 1e9, weights.path.name)
-    onnx.save_model(proto, str(path))
-    del proto
-    shutil.rmtree(raw.parent)  # the tracer's file and any per-tensor files it wrote beside it
-    onnx.checker.check_model(str(path))  # by path: works past 2 GiB
-    return external
+    body = tensor.SerializeToString()
+    if raw is not None:
+        raw_field = _key(onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number) + _varint(raw.nbytes)
+        body_len = len(body) + len(raw_field) + raw.nbytes
+    else:
+        raw_field, body_len = b"", len(body)
+    init = _key(onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number) + _varint(body_len)
+    f.write(_key(onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number) + _varint(len(init) + body_len))
+    f.write(init + body + raw_field)
+    if raw is not None:
+        f.write(raw)
+
+
+def _key(field: int) -> bytes:
+    return _varint(field << 3 | 2)  # wire type 2: length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -59,6 +60,18 @@ class Checkpoint:
     # transformers halves the residual every `rescale_every` layers in eval mode, in every dtype (spec §8.1);
     # the reference follows the checkpoint's own runtime so that an HF folder matches transformers
     rescale_every: int = 0
+
+    _finite: set[str] = field(default_factory=set)  # keys whose values have been checked
+
+    def checked(self, key: str) -> Tensor:
+        """weights[key], its values checked for NaN/Inf the first time it is read. Loading reads only headers
+        and shapes (inspect stays fast on a 15 GB file); the values are checked where they are used."""
+        t = self.weights[key]
+        if key not in self._finite and not t.is_meta:
+            if not bool(torch.isfinite(t).all()):
+                raise RWKVDeployError(f"{self.path}: '{key}' contains NaN or Inf values; the checkpoint is damaged")
+            self._finite.add(key)
+        return t
 
     @property
     def version(self) -> str:
@@ -139,14 +152,50 @@ def _looks_like_safetensors(path: Path, size: int) -> bool:
         return 1 < n < size and fh.read(1) == b"{"
 
 
-def _read_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+# safetensors dtype names (its format spec) -> torch; unlisted names are refused by name
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise RWKVDeployError(f"{path} is not a valid safetensors file ({e}); the file may be truncated or corrupt")
+
+def _read_safetensors(path: Path) -> dict:
+    """Tensors that view a memory map of the file: only the JSON header is read now, and each tensor's bytes when
+    it is used (export and verify then hold one layer at a time, not the whole file). The mapping is private
+    (copy-on-write): nothing can write through to the file."""
+    import mmap
+
+    bad = f"{path} is not a valid safetensors file"
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        n = int.from_bytes(fh.read(8), "little") if size >= 8 else 0
+        if not 2 <= n <= min(size - 8, 100 << 20):
+            raise RWKVDeployError(f"{bad} (header length {n} in a {size}-byte file); it may be truncated or corrupt")
+        try:
+            header = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RWKVDeployError(f"{bad} (its header is not JSON: {e}); the file may be truncated or corrupt")
+        if not isinstance(header, dict):
+            raise RWKVDeployError(f"{bad} (its header is a JSON {type(header).__name__})")
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+    out, data = {}, 8 + n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), list(info["shape"]), info["data_offsets"]
+            numel = math.prod(int(s) for s in shape)
+            ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+        except (TypeError, KeyError, ValueError) as e:
+            raise RWKVDeployError(f"{bad} (entry {key!r}: {e!r})")
+        if dtype is None:
+            raise RWKVDeployError(f"{path}: '{key}' has dtype {info['dtype']}; expected float16, bfloat16, float32 or "
+                                  "float64 weights")
+        if not ok or end - begin != numel * dtype.itemsize or data + end > size:
+            raise RWKVDeployError(f"{bad} ('{key}' {info['dtype']} {shape} at bytes {begin}..{end} of "
+                                  f"{size - data}); the file may be truncated or corrupt")
+        out[key] = (torch.frombuffer(mm, dtype=dtype, count=numel, offset=data + begin).reshape(shape) if numel
+                    else torch.empty(shape, dtype=dtype))
+    return out
 
 
 def _torch_load(path: Path) -> dict:
@@ -252,9 +301,6 @@ def _validate(path: Path, fmt: str, sd, tokenizer) -> Checkpoint:
         if key not in optional:
             raise RWKVDeployError(f"{path}: unexpected key '{key}' for RWKV-{version}; this variant is not supported")
         weights[key] = _canonical(path, key, sd[key], optional[key])
-    for key, t in weights.items():
-        if not bool(torch.isfinite(t).all()):
-            raise RWKVDeployError(f"{path}: '{key}' contains NaN or Inf values; the checkpoint is damaged")
     notes = _notes(d, weights, sd)
     log.debug("loaded %s: RWKV-%s, %d layers, n_embd %d", path, version, L, C)
     return Checkpoint(path, fmt, weights, d, notes, tokenizer)

@@ -58,7 +58,7 @@ class RWKV(nn.Module):
     """
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, rescale_every: int | None = None,
-                 wkv: str = "portable"):
+                 wkv: str = "portable", lazy: bool = False):
         super().__init__()
         if wkv not in ("portable", "fused"):
             raise RWKVDeployError(f"unknown wkv mode {wkv!r}; expected portable or fused")
@@ -70,45 +70,76 @@ class RWKV(nn.Module):
         self.step_ops = PORTABLE_STEP if wkv == "portable" else ops  # a fused operator takes any T
         d = ckpt.dims
         V = VERSIONS[d.version]
-        self.dims, self.version, self.dtype = d, V, dtype
+        self.ckpt, self.dims, self.version, self.dtype = ckpt, d, V, dtype
         if rescale_every is None:
             rescale_every = ckpt.rescale_every or (6 if dtype == torch.float16 else 0)
         self.rescale_every = rescale_every if V.rescalable else 0
         self.states = state_table(d, dtype)
         self.kinds = [k.name for k in state_kinds(d)]  # per layer: att_x, <wkv state>, ffn_x
-        work = torch.float64 if dtype == torch.float64 else torch.float32  # load-time maths
-        w = ckpt.weights
-        emb, ln0w, ln0b = w["emb.weight"], w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"]
-        # ln0 is folded into the table (spec §1). v4-v6: in the storage dtype, then upcast, as the official
-        # package does even for fp32 strategies; v7: in float32, as RWKV_x070 does (spec §8.4).
-        fold = emb.dtype if V.ln0_in_storage_dtype else work
-        emb = F.layer_norm(emb.to(fold), (d.n_embd,), ln0w.to(fold), ln0b.to(fold), 1e-5)
-        self.register_buffer("emb", emb.to(dtype))  # [V, C]
-        blocks = []
-        for i in range(d.n_layer):
-            pre = f"blocks.{i}."
-            p = {k[len(pre):]: t.to(work) for k, t in w.items() if k.startswith(pre) and ".ln0." not in k}
-            p = V.prepare(p, d, i)
-            if self.rescale_every:
-                scale = 2 ** (i // self.rescale_every)
-                p["att.output.weight"] = p["att.output.weight"] / scale
-                p["ffn.value.weight"] = p["ffn.value.weight"] / scale
-            keep32 = V.fp32_keys | {"att.time_state"} if dtype == torch.float16 else frozenset()
-            blocks.append(Params({k: t.to(torch.float32 if k in keep32 else dtype) for k, t in p.items()}))
-        self.blocks = nn.ModuleList(blocks)
-        self.ln_out = Params({"weight": w["ln_out.weight"].to(dtype), "bias": w["ln_out.bias"].to(dtype)})
-        self.register_buffer("head", w["head.weight"].to(dtype))  # [V, C]
+        self.lazy = lazy
+        if not lazy:
+            self.register_buffer("emb", self.embedding())  # [V, C]
+        # lazy: one layer's weights at a time, prepared from the checkpoint when a block is used (a float64
+        # reference of a 3B model does not fit in memory; one layer of it does)
+        self.blocks = LazyBlocks(self.prepare_block, d.n_layer) if lazy else nn.ModuleList(
+            Params(self.prepare_block(i)) for i in range(d.n_layer))
+        self.ln_out = Params({"weight": ckpt.checked("ln_out.weight").to(dtype),
+                              "bias": ckpt.checked("ln_out.bias").to(dtype)})
+        if not lazy:
+            self.register_buffer("head", self.head_weight())  # [V, C]
+
+    @property
+    def _work(self) -> torch.dtype:
+        """The dtype of load-time maths."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    def embedding(self, rows=slice(None)) -> Tensor:
+        """The embedding table (those rows of it) with ln0 folded in (spec §1). v4-v6 fold in the storage dtype,
+        then upcast, as the official package does even for fp32 strategies; v7 folds in float32, as RWKV_x070
+        does (spec §8.4). LayerNorm is per row: a row folded alone equals that row of the folded table."""
+        emb, ln0w, ln0b = (self.ckpt.checked(k) for k in ("emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias"))
+        fold = emb.dtype if self.version.ln0_in_storage_dtype else self._work
+        emb = F.layer_norm(emb[rows].to(fold), (self.dims.n_embd,), ln0w.to(fold), ln0b.to(fold), 1e-5)
+        return emb.to(self.dtype)
+
+    def head_weight(self, rows=slice(None)) -> Tensor:
+        return self.ckpt.checked("head.weight")[rows].to(self.dtype)  # [V, C]
+
+    def prepare_block(self, i: int) -> dict[str, Tensor]:
+        """Layer i's tensors as the model uses them: load-time preprocessing, rescaling and dtypes applied."""
+        d, V, dtype, pre = self.dims, self.version, self.dtype, f"blocks.{i}."
+        p = {k[len(pre):]: self.ckpt.checked(k).to(self._work) for k in self.ckpt.weights
+             if k.startswith(pre) and ".ln0." not in k}
+        p = V.prepare(p, d, i)
+        if self.rescale_every:
+            scale = 2 ** (i // self.rescale_every)
+            p["att.output.weight"] = p["att.output.weight"] / scale
+            p["ffn.value.weight"] = p["ffn.value.weight"] / scale
+        keep32 = V.fp32_keys | {"att.time_state"} if dtype == torch.float16 else frozenset()
+        return {k: t.to(torch.float32 if k in keep32 else dtype) for k, t in p.items()}
+
+    def prepared_weights(self):
+        """(name, tensor) of every weight as the model holds it, named as its buffers are (ONNX initializers
+        get these names), one layer at a time: what a streamed export writes."""
+        yield "emb", self.emb if not self.lazy else self.embedding()
+        for i in range(self.dims.n_layer):
+            for k, t in self.prepare_block(i).items():
+                yield f"blocks.{i}.{k}", t
+        yield "ln_out.weight", self.ln_out.weight
+        yield "ln_out.bias", self.ln_out.bias
+        yield "head", self.head if not self.lazy else self.head_weight()
 
     def init_state(self, batch: int = 1) -> list[Tensor]:
         """The initial state on the model's device (zeros, v4 pp = -1e30, or the tuned time_state)."""
         batch = check_batch(batch)
         out = []
         for s in self.states:
-            init = self.version.initial_wkv_state(self.blocks[s.layer], s.kind) if s.kind.name == "S" else None
+            tuned = s.kind.name == "S" and f"blocks.{s.layer}.att.time_state" in self.ckpt.weights
+            init = self.version.initial_wkv_state(self.blocks[s.layer], s.kind) if tuned else None
             if init is not None:
                 out.append(init.to(s.dtype).expand(batch, *s.shape).clone())
             else:
-                out.append(torch.full((batch, *s.shape), s.kind.init, dtype=s.dtype, device=self.emb.device))
+                out.append(torch.full((batch, *s.shape), s.kind.init, dtype=s.dtype, device=self.ln_out.weight.device))
         return out
 
     def check_state(self, state: list[Tensor], batch: int) -> None:
@@ -125,31 +156,82 @@ class RWKV(nn.Module):
         Logits are float32, or float64 for a float64 model. single_step (T = 1) runs the recurrence's cell
         instead of its sequence form: chosen here, not from T inside the recurrence, so that tracing never bakes
         a shape test into a graph."""
-        ops = self.step_ops if single_step else self.wkv_ops
-        kinds = self.kinds
-        x = self.emb[tokens]  # [B, T, C]
-        carry, new = None, []
+        x = self.embed(tokens)  # [B, T, C]
+        carry, new, n = None, [], len(self.kinds)
         for i, blk in enumerate(self.blocks):
-            st = dict(zip(kinds, state[i * len(kinds):(i + 1) * len(kinds)]))
-            xx = layer_norm(x, blk.ln1)  # [B, T, C]
-            sx = torch.cat([st["att_x"].unsqueeze(1), xx[:, :-1]], 1)  # token shift: previous normalised input
-            out, wkv_state, carry = self.version.time_mix(blk.att, xx, sx, st, carry, ops)
-            x = x + out
-            xf = layer_norm(x, blk.ln2)  # [B, T, C]
-            sf = torch.cat([st["ffn_x"].unsqueeze(1), xf[:, :-1]], 1)
-            x = x + self.version.channel_mix(blk.ffn, xf, sf)
-            if self.rescale_every and (i + 1) % self.rescale_every == 0:
-                x = x / 2  # keeps fp16 from overflowing; weights were pre-divided to match (spec §8.1)
-            new += [xx[:, -1], *(wkv_state[k] for k in kinds[1:-1]), xf[:, -1]]
+            x, st, carry = self.layer(i, blk, x, state[i * n:(i + 1) * n], carry, single_step)
+            new += st
         if last_only:
             x = x[:, -1:]  # [B, 1, C]: a prompt needs only its last position's logits
-        logits = F.linear(layer_norm(x, self.ln_out), self.head)  # [B, T, V]
-        return (logits if logits.dtype == torch.float64 else logits.float()), new
+        return self.logits(x), new
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """tokens [B, T] -> x [B, T, C]."""
+        if not self.lazy:
+            return self.emb[tokens]
+        rows, inverse = torch.unique(tokens, return_inverse=True)
+        return self.embedding(rows)[inverse]
+
+    def layer(self, i: int, blk: Params, x: Tensor, state: list[Tensor], carry, single_step: bool = False
+              ) -> tuple[Tensor, list[Tensor], object]:
+        """Layer i (weights `blk`) on x [B, T, C] from its state tensors (att_x, the WKV state, ffn_x) ->
+        (x, the layer's new state tensors, carry for the next layer)."""
+        ops = self.step_ops if single_step else self.wkv_ops
+        st = dict(zip(self.kinds, state))
+        xx = layer_norm(x, blk.ln1)  # [B, T, C]
+        sx = torch.cat([st["att_x"].unsqueeze(1), xx[:, :-1]], 1)  # token shift: previous normalised input
+        out, wkv_state, carry = self.version.time_mix(blk.att, xx, sx, st, carry, ops)
+        x = x + out
+        xf = layer_norm(x, blk.ln2)  # [B, T, C]
+        sf = torch.cat([st["ffn_x"].unsqueeze(1), xf[:, :-1]], 1)
+        x = x + self.version.channel_mix(blk.ffn, xf, sf)
+        if self.rescale_every and (i + 1) % self.rescale_every == 0:
+            x = x / 2  # keeps fp16 from overflowing; weights were pre-divided to match (spec §8.1)
+        return x, [xx[:, -1], *(wkv_state[k] for k in self.kinds[1:-1]), xf[:, -1]], carry
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x [B, T, C] after the last layer -> logits [B, T, V], float32 (float64 for a float64 model)."""
+        return self.logits_each([x])[0]
+
+    def logits_each(self, xs: list[Tensor]) -> list[Tensor]:
+        """[self.logits(x) for x in xs], each x in its own product with the head (the same numbers as one step at
+        a time: batching rows would change the rounding). A lazy model reads the head in slices, each slice once
+        for all of xs: a float64 head of a World model is 1.3 GB at 2560 wide."""
+        xs = [layer_norm(x, self.ln_out) for x in xs]
+        if not self.lazy:
+            out = [F.linear(x, self.head) for x in xs]  # [B, T, V]
+        else:
+            step = max(1, (64 << 20) // (torch.finfo(self.dtype).bits // 8 * self.dims.n_embd))
+            parts = [[] for _ in xs]
+            for a in range(0, self.dims.vocab_size, step):
+                w = self.head_weight(slice(a, a + step))  # [step, C]
+                for p, x in zip(parts, xs):
+                    p.append(F.linear(x, w))
+            out = [torch.cat(p, -1) for p in parts]  # slicing the vocabulary leaves every product as it was
+        return [y if y.dtype == torch.float64 else y.float() for y in out]
 
     def step(self, tokens: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """tokens [B] int64 -> logits [B, V] float32 and the new state."""
         logits, state = self.forward(tokens[:, None], state, single_step=True)
         return logits[:, 0], state
+
+
+class LazyBlocks:
+    """The layers of a lazy RWKV: block i is prepared from the checkpoint each time it is asked for."""
+
+    def __init__(self, build, n: int):
+        self.build, self.n = build, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Params:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return Params(self.build(i))
+
+    def __iter__(self):
+        return (self[i] for i in range(self.n))
 
 
 def load_model(source, dtype: str | torch.dtype = "float32", **kw) -> RWKV:

@@ -9,6 +9,8 @@ constant there (design.md §5).
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,7 +78,9 @@ class ModeResult:
     state_export: list[float] = field(default_factory=list)
     state_reference: list[float] = field(default_factory=list)
 
-    def add(self, ours: np.ndarray, ref: np.ndarray, exact: np.ndarray, s_ours, s_ref, s_exact) -> None:
+    def add(self, ours: np.ndarray, ref: np.ndarray, exact: np.ndarray, s_ours, s_exact, state_ref: float) -> None:
+        """One step: logits [B, V] of the export, the reference and float64; the export's state and float64's (lists
+        of arrays, same order); the reference's state distance (measured layer by layer, see References)."""
         self.export.append(float(normalised(ours, exact).max()))
         self.reference.append(float(normalised(ref, exact).max()))
         self.max_abs.append(float(np.abs(ours.astype(np.float64) - exact).max()))
@@ -88,7 +92,7 @@ class ModeResult:
         t5o, t5e = np.argpartition(-ours, n - 1, -1)[:, :n], np.argpartition(-exact, n - 1, -1)[:, :n]
         self.top5.append(float(np.mean([len(set(a) & set(b)) / n for a, b in zip(t5o, t5e)])))
         self.state_export.append(state_distance(s_ours, s_exact))
-        self.state_reference.append(state_distance(s_ref, s_exact))
+        self.state_reference.append(state_ref)
 
     def allowed(self, gate: Gate) -> float:
         """The largest worst-step logit distance this mode may show."""
@@ -138,6 +142,8 @@ class Report:
     seconds: float = 0.0
     reference: str = ""  # what the export was held against, in words
     notes: list[str] = field(default_factory=list)
+    method: str = ""  # how the references were computed, in words
+    peak_rss: int = 0  # bytes: the process's peak resident memory when the report was made
 
     def modes(self):
         return (("free-running", self.free_running), ("teacher-forced", self.teacher_forced))
@@ -161,7 +167,7 @@ class Report:
         return {"passed": bool(self), "precision": self.precision, "backend": self.backend, "steps": self.steps,
                 "batch": self.batch, "reference": self.reference, "rule": self.gate.rule(), "gate": asdict(self.gate),
                 "largest_ratio": self.largest_ratio(), "failures": self.failures(), "notes": self.notes,
-                "seconds": self.seconds,
+                "seconds": self.seconds, "method": self.method, "peak_rss_bytes": self.peak_rss,
                 **{key: {"summary": m.summary(self.gate), "per_step": asdict(m)}
                    for key, m in (("free_running", self.free_running), ("teacher_forced", self.teacher_forced))}}
 
@@ -177,6 +183,7 @@ class Report:
             rows.append(f"{'  state (max rel)':<22}{s['state_export']:>22.3g}{s['state_reference']:>22.3g}"
                         f"{s['state_export'] / max(s['state_reference'], 1e-300):>16.2f}")
         rows += [f"note: {n}" for n in self.notes]
+        rows.append(f"method: {self.method}; peak RSS {self.peak_rss / 1e9:.2f} GB")
         rows.append(f"rule: {self.gate.rule()}")
         rows.append(f"{'PASS' if self else 'FAIL'}: {self.steps} steps x batch {self.batch}, {self.precision} via "
                     f"{self.backend}, against {self.reference}; largest distance ratio {self.largest_ratio():.2f}")
@@ -200,6 +207,86 @@ def _write(path: Path, data: dict) -> None:
         verdict = "passed" if data["passed"] else "failed"
         raise RWKVDeployError(f"the verification {verdict}, but its report could not be written to {path} "
                               f"({e.strerror})")
+
+
+class Spill:
+    """Arrays written once and read back by key, kept in a temporary file rather than in memory (the float64 state
+    of every step of a 3B model is gigabytes). Plain file I/O: the page cache holds them, not the process."""
+
+    def __init__(self, f):
+        self.f, self.index, self.end = f, {}, 0
+
+    def put(self, key, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a)
+        os.pwrite(self.f.fileno(), memoryview(a).cast("B"), self.end)
+        self.index[key] = (self.end, a.dtype, a.shape)
+        self.end += a.nbytes
+
+    def get(self, key) -> np.ndarray:
+        offset, dtype, shape = self.index[key]
+        n = int(np.prod(shape)) * dtype.itemsize
+        return np.frombuffer(os.pread(self.f.fileno(), n, offset), dtype).reshape(shape)
+
+
+class References:
+    """The float64 and the at-precision references over the whole token stream, computed one layer at a time
+    (each model holds one layer's weights: a float64 reference of a 3B model does not fit in memory, one layer of it
+    does). Per step: float64's logits and its state before and after (spilled to a file), the reference's logits for
+    free-running rows (its own state) and teacher-forced rows (float64's state), and the reference's state distances.
+    The per-token arithmetic is model.step's, so the numbers are those of stepping the whole model."""
+
+    METHOD = "float64 and at-precision PyTorch references run layer by layer (one layer's weights in memory)"
+
+    def __init__(self, exact, ref, tokens: np.ndarray, spill: Spill, progress=None):
+        T, B = tokens.shape
+        self.spill, self.B, self.n_layer, self.kinds = spill, B, exact.dims.n_layer, len(exact.kinds)
+        n = self.kinds
+        tok = torch.from_numpy(tokens)
+        tok2 = torch.cat([tok, tok], 1)  # [T, 2B]: rows [:B] free-running, [B:] teacher-forced
+        x64 = [exact.embed(tok[t][:, None]) for t in range(T)]  # per step [B, 1, C]
+        xr = [ref.embed(tok2[t][:, None]) for t in range(T)]  # [2B, 1, C]
+        c64, cr = [None] * T, [None] * T  # what a layer hands the next (v7's v_first), per step
+        s64_all, sr_all = exact.init_state(B), ref.init_state(B)
+        self.state_free, self.state_forced = np.zeros(T), np.zeros(T)  # max over layers of the per-tensor distance
+        with torch.no_grad():
+            for i, (b64, br) in enumerate(zip(exact.blocks, ref.blocks)):
+                s64, sr = s64_all[i * n:(i + 1) * n], sr_all[i * n:(i + 1) * n]
+                for t in range(T):
+                    self._put_state(t, i, s64)
+                    before = s64
+                    x64[t], s64, c64[t] = exact.layer(i, b64, x64[t], s64, c64[t], single_step=True)
+                    rows = [torch.cat([a, b.to(a.dtype)]) for a, b in zip(sr, before)]  # [2B, ...]
+                    xr[t], s2, cr[t] = ref.layer(i, br, xr[t], rows, cr[t], single_step=True)
+                    sr = [x[:B] for x in s2]
+                    e = [x.numpy() for x in s64]
+                    self.state_free[t] = max(self.state_free[t], state_distance([x[:B].numpy() for x in s2], e))
+                    self.state_forced[t] = max(self.state_forced[t], state_distance([x[B:].numpy() for x in s2], e))
+                self._put_state(T, i, s64)
+                if progress:
+                    progress(i + 1, self.n_layer, "references, layer by layer")
+            for a in range(0, T, 64):  # the head read once per 64 steps, each step's product on its own
+                ts = range(a, min(a + 64, T))
+                for t, l64, lr in zip(ts, exact.logits_each([x64[t] for t in ts]), ref.logits_each([xr[t] for t in ts])):
+                    spill.put(("logits", t), l64[:, 0].numpy())  # [B, V] float64
+                    spill.put(("ref", t), lr[:, 0].numpy())  # [2B, V]
+
+    def _put_state(self, t: int, i: int, layer_state) -> None:
+        for k, x in enumerate(layer_state):
+            self.spill.put(("S", t, i, k), x.numpy())
+
+    def exact_state(self, t: int) -> list[np.ndarray]:
+        """float64's state before step t (after step t-1), every tensor in state-table order."""
+        return [self.spill.get(("S", t, i, k)) for i in range(self.n_layer) for k in range(self.kinds)]
+
+    def logits(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.spill.get(("logits", t)), self.spill.get(("ref", t)).astype(np.float64)
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int = 0, session=None,
@@ -250,8 +337,8 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
             raise RWKVDeployError(f"{what}; pass --checkpoint with the original")
         notes.append(what + "; held against it as asked")  # e.g. the .pth of an export made from .safetensors
     sess = session or TorchSession.for_export(m, ckpt, torch_device(providers), threads)
-    exact = RWKV(ckpt, torch.float64).eval()
-    ref = RWKV(ckpt, REFERENCE_DTYPE[m["precision"]]).eval()
+    exact = RWKV(ckpt, torch.float64, lazy=True).eval()
+    ref = RWKV(ckpt, REFERENCE_DTYPE[m["precision"]], lazy=True).eval()
     names = state_io_names(exact)[0]  # the references' state lists, named as the export names its state
     if sorted(names) != sorted(sess.state_names):
         raise RWKVDeployError(f"{folder}: the session's state ({sess.state_names[:3]}...) is not the reference's "
@@ -259,18 +346,14 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
     dtypes = {s.name: np.dtype(s.dtype) for s in sess.state_specs}
     tokens = np.random.default_rng(seed).integers(0, int(m["vocab_size"]), size=(steps, batch))
     free, forced = ModeResult(), ModeResult()
-    s_exact, s_ref, s_ours = exact.init_state(batch), ref.init_state(batch), sess.init_state(batch)
     B = batch
-    with torch.no_grad():
+    with tempfile.TemporaryFile(prefix="rwkv-deploy-verify-") as spill:
+        refs = References(exact, ref, tokens, Spill(spill), progress)
+        s_ours = sess.init_state(batch)
         for t in range(steps):
-            before = [x.numpy() for x in s_exact]  # the float64 state that teacher-forced rows start from
-            l_exact, s_exact = exact.step(torch.from_numpy(tokens[t]), s_exact)
-            e_np, se_np = l_exact.numpy(), [x.numpy() for x in s_exact]
+            before, after = refs.exact_state(t), refs.exact_state(t + 1)  # float64, [B, ...] each, in `names` order
+            l_exact, l_ref = refs.logits(t)  # [B, V] float64, [2B, V]
             tok2 = np.concatenate([tokens[t], tokens[t]])  # rows [:B] free-running, [B:] teacher-forced
-            l_ref, s2 = ref.step(torch.from_numpy(tok2), [torch.cat([a, torch.from_numpy(b).to(a.dtype)])
-                                                         for a, b in zip(s_ref, before)])
-            s_ref = [x[:B] for x in s2]
-            l_ref, sr_np = l_ref.numpy(), [x.numpy() for x in s2]
             own = s_ours.to_numpy()  # the export's own state, [B, ...] by name
             rows = sess.state_from_numpy({n: np.concatenate([own[n], b.astype(dtypes[n])])
                                           for n, b in zip(names, before)})  # [2B, ...]
@@ -278,14 +361,15 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
             so2 = s_rows.to_numpy()
             so2 = [so2[n] for n in names]  # in the references' order, for the state distances
             s_ours = sess.state_from_numpy({n: x[:B] for n, x in zip(names, so2)})
-            free.add(l_ours[:B], l_ref[:B], e_np, [x[:B] for x in so2], [x[:B] for x in sr_np], se_np)
-            forced.add(l_ours[B:], l_ref[B:], e_np, [x[B:] for x in so2], [x[B:] for x in sr_np], se_np)
+            free.add(l_ours[:B], l_ref[:B], l_exact, [x[:B] for x in so2], after, refs.state_free[t])
+            forced.add(l_ours[B:], l_ref[B:], l_exact, [x[B:] for x in so2], after, refs.state_forced[t])
             if progress:
-                progress(t + 1, steps, "verifying")
+                progress(t + 1, steps, "export, step by step")
             elif (t + 1) % 100 == 0:
                 log.info("verified %d/%d steps", t + 1, steps)
     report = Report(m["precision"], sess.backend, steps, batch, gate, free, forced, time.time() - t0,
-                    f"float64 and {m['precision']} PyTorch references of {Path(src).name}", notes)
+                    f"float64 and {m['precision']} PyTorch references of {Path(src).name}", notes, References.METHOD,
+                    peak_rss())
     if write:
         _write(Path(folder) / "verify.json", report.to_json())
     if json_path:

@@ -20,6 +20,28 @@ def stepwise(model, tokens, state=None):
     return np.stack(rows, 1), state
 
 
+def stepwise_layers(model, tokens, state=None):
+    """What `stepwise(model, tokens, state)` returns for our torch reference, computed layer by layer: layer i runs
+    every token (one at a time, its state carried) before layer i+1 starts, so a lazy model (RWKV(..., lazy=True))
+    prepares each layer's weights once and holds one layer at a time. The same per-token arithmetic as
+    model.step, so the same numbers."""
+    import torch
+
+    B, T = tokens.shape
+    state = model.init_state(B) if state is None else state
+    n = len(model.kinds)
+    with torch.no_grad():
+        xs = [model.embed(tokens[:, t:t + 1]) for t in range(T)]  # per token [B, 1, C]
+        carry, new = [None] * T, []
+        for i, blk in enumerate(model.blocks):
+            st = state[i * n:(i + 1) * n]
+            for t in range(T):
+                xs[t], st, carry[t] = model.layer(i, blk, xs[t], st, carry[t], single_step=True)
+            new += st
+        logits = np.stack([_float64(y[:, 0]) for y in model.logits_each(xs)], 1)  # [B, T, V]
+    return logits, new
+
+
 def _float64(x) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor, possibly on a GPU; torch itself is not imported here
         x = x.detach().cpu().double().numpy()

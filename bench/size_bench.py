@@ -1,0 +1,102 @@
+"""Export and verify at real sizes: peak RSS and wall time, each command in its own process.
+
+For each version and shape: a random bf16 checkpoint (as released files are stored; World vocabulary 65536), then
+per precision `rwkv-deploy export --prefill` and `rwkv-deploy verify --steps N`, each timed with its peak RSS
+(ru_maxrss of the child), the export's weight bytes and the bound export must stay under (1.3 x weights + 1.5 GB).
+
+    python bench/size_bench.py [--versions 7 6] [--shapes 12x768 24x2048 32x2560] [--precisions fp32 fp16]
+        [--steps 16] [--dir DIR] [--json F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def make(version: str, n_layer: int, n_embd: int, path: Path) -> None:
+    """One layer at a time (make_checkpoint holds fp32 copies of everything: 17 GB at 2.9B), stored as bf16."""
+    import torch
+
+    from rwkv_deploy.models.synthetic import make_checkpoint, save_checkpoint
+
+    sd = {}
+    for i in range(n_layer):
+        one = make_checkpoint(version, n_layer=1, n_embd=n_embd, head_size=64, vocab_size=65536, seed=i)
+        for k, t in one.items():
+            if k.startswith("blocks.0."):
+                if i and ".ln0." in k:
+                    continue
+                sd[f"blocks.{i}." + k[len("blocks.0."):]] = t.to(torch.bfloat16)
+            elif i == 0:
+                sd[k] = t.to(torch.bfloat16)
+        del one
+    save_checkpoint(sd, path)
+
+
+def timed(cmd: list[str]) -> dict:
+    """Run cmd; its wall time, exit code, peak RSS in bytes (this child's own, from wait4) and last output lines."""
+    import os
+    import tempfile
+
+    t = time.time()
+    with tempfile.TemporaryFile("w+") as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        tail = log.read().strip().splitlines()[-3:]
+    return {"cmd": " ".join(cmd), "rc": p.returncode, "seconds": time.time() - t, "peak_rss": usage.ru_maxrss * 1024,
+            "tail": tail}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--versions", nargs="+", default=["7", "6"])
+    ap.add_argument("--shapes", nargs="+", default=["12x768", "24x2048", "32x2560"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16"])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--dir", default="size-bench")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    root = Path(a.dir)
+    root.mkdir(exist_ok=True)
+    rows = []
+    cli = [sys.executable, "-m", "rwkv_deploy.cli"]
+    print(f"{'ver':<4}{'shape':<9}{'prec':<6}{'weights GB':>11}{'export s':>9}{'export RSS GB':>14}{'bound GB':>9}"
+          f"{'verify s':>9}{'verify RSS GB':>14}  verdict", flush=True)
+    for v in a.versions:
+        for shape in a.shapes:
+            L, C = map(int, shape.split("x"))
+            ckpt = root / f"v{v}-{shape}.pth"
+            if not ckpt.exists():
+                make(v, L, C, ckpt)
+            for precision in a.precisions:
+                out = root / f"v{v}-{shape}-{precision}"
+                shutil.rmtree(out, ignore_errors=True)
+                ex = timed([*cli, "export", str(ckpt), "-o", str(out), "--precision", precision, "--prefill"])
+                weights = sum(f.stat().st_size for f in out.glob("*.onnx*")) if ex["rc"] == 0 else 0
+                ve = timed([*cli, "verify", str(out), "--steps", str(a.steps)]) if ex["rc"] == 0 else {}
+                report = json.loads((out / "verify.json").read_text()) if (out / "verify.json").exists() else {}
+                row = {"version": v, "shape": shape, "precision": precision, "weights_bytes": weights,
+                       "bound_bytes": 1.3 * weights + 1.5e9, "export": ex, "verify": ve,
+                       "passed": report.get("passed"), "largest_ratio": report.get("largest_ratio"),
+                       "verify_peak_rss_reported": report.get("peak_rss_bytes"), "method": report.get("method")}
+                rows.append(row)
+                gb = lambda x: f"{x / 1e9:.2f}" if x else "-"  # noqa: E731
+                print(f"{v:<4}{shape:<9}{precision:<6}{gb(weights):>11}{ex['seconds']:>9.0f}{gb(ex['peak_rss']):>14}"
+                      f"{gb(row['bound_bytes']):>9}{ve.get('seconds', 0):>9.0f}{gb(report.get('peak_rss_bytes')):>14}  "
+                      f"{'PASS' if row['passed'] else 'FAIL' if ve else 'export failed: ' + ' '.join(ex['tail'])}",
+                      flush=True)
+                if a.json:
+                    Path(a.json).write_text(json.dumps(rows, indent=1))
+                shutil.rmtree(out, ignore_errors=True)
+            ckpt.unlink()
+
+
+if __name__ == "__main__":
+    main()
