@@ -83,7 +83,9 @@ class OnnxSession(Session):
         self.providers = resolve_providers(providers)
         self._register_library(opts)
         self._step = self._open(ort, "step", opts)
-        self._prefill = self._open(ort, "prefill", opts) if "prefill" in self.manifest["graphs"] else None
+        # The prefill graph is opened when first used: each ONNX Runtime session holds its own copy of the weights
+        # (on CPU, fp16 ones widened to fp32), so verify and check, which only step, hold one copy, not two.
+        self._prefill, self._ort, self._opts = None, ort, opts
         active = self._step.get_providers()  # what ONNX Runtime actually runs, not what was asked for
         # the device that bound state lives on: the CUDA provider's GPU, else host memory
         self.device = ("cpu", 0)
@@ -171,7 +173,12 @@ class OnnxSession(Session):
 
     @property
     def has_prefill(self) -> bool:
-        return self._prefill is not None
+        return "prefill" in self.manifest["graphs"]
+
+    def _prefill_session(self):
+        if self._prefill is None:
+            self._prefill = self._open(self._ort, "prefill", self._opts)
+        return self._prefill
 
     def _initial(self, batch: int) -> dict:
         return {s.input: self._to_device(s.initial(self.folder, batch)) for s in self.states}
@@ -184,7 +191,7 @@ class OnnxSession(Session):
 
     def _run(self, graph: str, tokens: np.ndarray, state: State) -> tuple[np.ndarray, dict]:
         g = self.manifest.graph(graph)
-        sess = self._step if graph == "step" else self._prefill
+        sess = self._step if graph == "step" else self._prefill_session()
         if not self.io_binding:
             out = sess.run([g["logits"], *(s.output for s in self.states)], {g["tokens"]: tokens, **state})
             return out[0], dict(zip(self.state_names, out[1:]))
