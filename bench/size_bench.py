@@ -39,7 +39,9 @@ def make(version: str, n_layer: int, n_embd: int, path: Path) -> None:
 
 
 def timed(cmd: list[str]) -> dict:
-    """Run cmd; its wall time, exit code, peak RSS in bytes (this child's own, from wait4) and last output lines."""
+    """Run cmd; its wall time, exit code, peak RSS in bytes (this child's own, from wait4; Linux starts a child's
+    ru_maxrss at its parent's RSS, so this parent stays small: it imports neither torch nor the package) and last
+    output lines."""
     import os
     import tempfile
 
@@ -55,6 +57,9 @@ def timed(cmd: list[str]) -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--make"]:
+        v, L, C, path = sys.argv[2:6]
+        return make(v, int(L), int(C), Path(path))
     ap = argparse.ArgumentParser()
     ap.add_argument("--versions", nargs="+", default=["7", "6"])
     ap.add_argument("--shapes", nargs="+", default=["12x768", "24x2048", "32x2560"])
@@ -73,8 +78,8 @@ def main() -> None:
         for shape in a.shapes:
             L, C = map(int, shape.split("x"))
             ckpt = root / f"v{v}-{shape}.pth"
-            if not ckpt.exists():
-                make(v, L, C, ckpt)
+            if not ckpt.exists():  # in a child: a parent's RSS at fork counts in every later child's ru_maxrss
+                subprocess.run([sys.executable, __file__, "--make", v, str(L), str(C), str(ckpt)], check=True)
             for precision in a.precisions:
                 out = root / f"v{v}-{shape}-{precision}"
                 shutil.rmtree(out, ignore_errors=True)
