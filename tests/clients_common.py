@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,29 @@ def python_greedy(folder: Path, prompt: str, n: int) -> str:
     from rwkv_deploy.runtime.generate import generate
 
     return "".join(generate(open_session(folder, providers="cpu"), prompt, max_tokens=n, temperature=0))
+
+
+def client_batch(run, commands: list[list]) -> list[dict]:
+    """Run command lines in one client process (its `batch` command; `run(*args, input=, timeout=)` starts the
+    client): [{"rc", "stdout", "stderr"}] in order."""
+    lines = "\n".join(json.dumps([str(a) for a in c]) for c in commands)
+    r = run("batch", input=lines, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(out) == len(commands), r.stdout[-2000:]
+    for o in out:
+        assert o["rc"] != 70, o["stderr"]  # 70: an exception that is not bad input (a bug)
+    return out
+
+
+def client_error_line(r: dict | subprocess.CompletedProcess, *words, trace_marks: tuple[str, ...] = ()) -> str:
+    """A client run (a process, or a `batch` entry) that refused bad input: exit 2 and exactly one `error:` line
+    holding `words`; none of `trace_marks` (how that client's stack traces look) anywhere on stderr."""
+    rc, err = (r["rc"], r["stderr"]) if isinstance(r, dict) else (r.returncode, r.stderr)
+    assert rc == 2, (rc, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err  # one line: no stack trace
+    assert not any(m in err for m in trace_marks), err
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from clients_common import (CORPUS, REPO, assert_same_logits, damage_weights, hf_20b_tokenizer,
-                            parse_score, python_greedy, python_score, score_tokens)
+from clients_common import (CORPUS, REPO, assert_same_logits, client_batch, client_error_line, damage_weights,
+                            hf_20b_tokenizer, parse_score, python_greedy, python_score, score_tokens)
 from conftest import VERSIONS
 
 JS = REPO / "clients" / "js"
@@ -46,25 +46,11 @@ def node(*args, input: str | None = None, timeout: float = 300) -> subprocess.Co
 
 
 def batch(commands: list[list]) -> list[dict]:
-    """Run command lines in one Node process (`cli.mjs batch`): [{"rc", "stdout", "stderr"}] in order."""
-    lines = "\n".join(json.dumps([str(a) for a in c]) for c in commands)
-    r = node("batch", input=lines, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = [json.loads(line) for line in r.stdout.splitlines()]
-    assert len(out) == len(commands), r.stdout[-2000:]
-    for o in out:
-        assert o["rc"] != 70, o["stderr"]  # 70: an exception that is not bad input (a bug)
-    return out
+    return client_batch(node, commands)
 
 
-def one_error_line(r: dict | subprocess.CompletedProcess, *words) -> str:
-    rc, err = (r["rc"], r["stderr"]) if isinstance(r, dict) else (r.returncode, r.stderr)
-    assert rc == 2, (rc, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err  # one line: no stack trace
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
+def one_error_line(r, *words) -> str:
+    return client_error_line(r, *words, trace_marks=())
 
 
 def ort_version() -> str:

@@ -15,7 +15,6 @@ from ..models.model import RWKV
 
 log = logging.getLogger(__name__)
 
-PROTOBUF_LIMIT = 2 ** 31 - 1  # a single .onnx file cannot exceed 2 GiB
 EXTERNAL_THRESHOLD = 1_800_000_000  # weights above this go to external data automatically
 TOKENS, LOGITS = "tokens", "logits"
 WEIGHTS_FILE = "weights.onnx.data"

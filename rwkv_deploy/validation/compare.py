@@ -239,7 +239,7 @@ class References:
 
     def __init__(self, exact, ref, tokens: np.ndarray, spill: Spill, progress=None):
         T, B = tokens.shape
-        self.spill, self.B, self.n_layer, self.kinds = spill, B, exact.dims.n_layer, len(exact.kinds)
+        self.spill, self.n_layer, self.kinds = spill, exact.dims.n_layer, len(exact.kinds)
         n = self.kinds
         tok = torch.from_numpy(tokens)
         tok2 = torch.cat([tok, tok], 1)  # [T, 2B]: rows [:B] free-running, [B:] teacher-forced

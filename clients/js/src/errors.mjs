@@ -6,3 +6,12 @@ export class RwkvError extends Error {
     this.name = 'RwkvError';
   }
 }
+
+/** The bytes as UTF-8 text, or an RwkvError naming `what` at `where` (both folder readers use it). */
+export function utf8Text(bytes, what, where) {
+  try {
+    return new TextDecoder('utf-8', { fatal: true }).decode(bytes);
+  } catch {
+    throw new RwkvError(`${what} ${where} is not UTF-8 text; is it the right file?`);
+  }
+}

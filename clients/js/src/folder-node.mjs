@@ -2,7 +2,7 @@
 // resolve_inside does: a named file that is (or passes through) a symlink leading out of the folder is refused.
 import fs from 'node:fs';
 import path from 'node:path';
-import { RwkvError } from './errors.mjs';
+import { RwkvError, utf8Text } from './errors.mjs';
 import { MANIFEST, confinedSegments } from './manifest.mjs';
 
 /** The real path of `p`, following symlinks as far as the path exists (like Python's resolve(strict=False)). */
@@ -93,12 +93,7 @@ export class NodeFolder {
   }
 
   async readText(key, rel, what) {
-    const bytes = await this.readBytes(key, rel, what);
-    try {
-      return new TextDecoder('utf-8', { fatal: true }).decode(bytes);
-    } catch {
-      throw new RwkvError(`${what} ${this.describe(rel)} is not UTF-8 text; is it the right file?`);
-    }
+    return utf8Text(await this.readBytes(key, rel, what), what, this.describe(rel));
   }
 
   /** What InferenceSession.create takes for a graph: its path for onnxruntime-node (which finds external data

@@ -1,7 +1,7 @@
 // An export folder served over HTTP (the browser, or anything with fetch). Confinement is lexical (no absolute
 // paths, schemes or `..` that climbs out) and every segment is percent-encoded, so that `%2e%2e` cannot turn into
 // `..`; the server (clients/web/serve.mjs) refuses symlinks that lead out of the folder.
-import { RwkvError } from './errors.mjs';
+import { RwkvError, utf8Text } from './errors.mjs';
 import { MANIFEST, confinedSegments } from './manifest.mjs';
 
 export class UrlFolder {
@@ -61,12 +61,7 @@ export class UrlFolder {
   }
 
   async readText(key, rel, what) {
-    const bytes = await this.readBytes(key, rel, what);
-    try {
-      return new TextDecoder('utf-8', { fatal: true }).decode(bytes);
-    } catch {
-      throw new RwkvError(`${what} ${this.describe(rel)} is not UTF-8 text; is it the right file?`);
-    }
+    return utf8Text(await this.readBytes(key, rel, what), what, this.describe(rel));
   }
 
   async graphSource(key, rel, externalRel) {
