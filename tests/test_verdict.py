@@ -79,7 +79,11 @@ def _report(mode, precision="fp32"):
     (dict(export=[3e-5] * 9 + [6e-4], reference=[4e-5] * 10), True),  # one ill-conditioned step, within 16x
     (dict(export=[3e-5] * 9 + [8e-4], reference=[4e-5] * 10), False),  # 20x on the worst step
     (dict(export=[5e-6] * 10, reference=[1e-7] * 10), True),  # tiny model: under the floor
-    (dict(export=[2e-3] * 10, reference=[1e-3] * 10), False),  # over the cap, whatever the reference does
+    (dict(export=[2e-3] * 10, reference=[1e-3] * 10), False),  # median over the cap, whatever the reference does
+    # the first step from the zero state, ill-conditioned at width, puts both far past the cap: the ratio holds it
+    (dict(export=[2e-3] + [3e-5] * 9, reference=[4e-3] + [4e-5] * 9), True),
+    (dict(export=[7e-2] + [3e-5] * 9, reference=[4e-3] + [4e-5] * 9), False),  # ... and catches a bad worst step
+    (dict(export=[1e-6] * 10, reference=[1e-6] * 10, state=(2e-3, 1e-3)), False),  # state median over its cap
     (dict(export=[1e-6] * 10, reference=[1e-6] * 10, state=(5e-3, 1e-7)), False),  # the state gate bites alone
     (dict(export=[1e-6] * 10, reference=[1e-6] * 10, gap=1.0), False),  # a real top-1 disagreement
     (dict(export=[1e-6] * 10, reference=[1e-6] * 10, gap=5e-6), True),  # a near-tie flip within the allowance

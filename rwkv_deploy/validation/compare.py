@@ -32,15 +32,15 @@ class Gate:
     typical: float  # export median-over-steps distance <= typical x the reference's
     worst: float  # export worst-step distance <= worst x the reference's
     floor: float  # a distance this small always passes (a few roundings at this precision)
-    cap: float  # a distance this large always fails, whatever the reference does
+    cap: float  # a median-step distance this large always fails, whatever the reference does
     state_floor: float  # the same three for the state (max|Δ| / max|float64| over tensors)
     state_cap: float
     top1: float = 0.99  # agreement with float64's top token; near-ties within the allowed distance count
 
     def rule(self) -> str:
         return (f"export distance from float64 <= {self.typical:g}x the reference's (median step) and "
-                f"<= {self.worst:g}x (worst step), or <= {self.floor:g}; never > {self.cap:g}; state likewise "
-                f"(floor {self.state_floor:g}, cap {self.state_cap:g}); top-1 vs float64 >= {self.top1:.0%} "
+                f"<= {self.worst:g}x (worst step), or <= {self.floor:g}; median step never > {self.cap:g}; state "
+                f"likewise (floor {self.state_floor:g}, cap {self.state_cap:g}); top-1 vs float64 >= {self.top1:.0%} "
                 "(near-ties within the allowed distance count as agreement)")
 
 
@@ -49,6 +49,9 @@ class Gate:
 # whose output variance is far below GroupNorm's eps, e.g. step 0 from the zero state) put their worst steps up to
 # 10.3x apart (v6 portable), hence 16x. A matrix with 1 % of its entries damaged lands >= 15,000x away in fp32 and,
 # in fp16, >= 8.9x on the median and >= 43x on the state. fp16 distances: 1e-3..3e-2.
+# The caps bound the median step only. The worst step is held by its ratio: at 24x2048 and 32x2560 the
+# ill-conditioned first step alone puts correct exports AND our reference past any fixed cap that still means
+# something (v7 fp16 32x2560: 0.68 export, 1.15 reference), while their medians stay far below it.
 GATES = {
     "fp32": Gate(typical=3, worst=16, floor=1e-5, cap=1e-3, state_floor=1e-5, state_cap=1e-3),
     "fp16": Gate(typical=3, worst=16, floor=1e-3, cap=0.25, state_floor=2e-3, state_cap=0.1),
@@ -95,7 +98,8 @@ class ModeResult:
         self.state_reference.append(state_ref)
 
     def allowed(self, gate: Gate) -> float:
-        """The largest worst-step logit distance this mode may show."""
+        """The largest logit margin a top-1 flip may have and still count as a near-tie: the worst-step allowance,
+        never above the cap."""
         return min(max(gate.worst * max(self.reference), gate.floor), gate.cap)
 
     def summary(self, gate: Gate) -> dict:
@@ -106,6 +110,7 @@ class ModeResult:
                 "ratio_median": med(self.export) / max(med(self.reference), 1e-300),
                 "ratio_worst": max(self.export) / max(max(self.reference), 1e-300),
                 "state_export": max(self.state_export), "state_reference": max(self.state_reference),
+                "state_export_median": med(self.state_export),
                 "max_abs": max(self.max_abs), "top1": float(np.mean(self.top1)), "top1_ties": float(ties.mean()),
                 "top5": float(np.mean(self.top5)),
                 # kept under the names of the first certificate format: the export's worst distance
@@ -113,16 +118,18 @@ class ModeResult:
 
     def failures(self, name: str, gate: Gate) -> list[str]:
         s, out = self.summary(gate), []
-        checks = [("logits", "median", s["export_median"], s["reference_median"], gate.typical, gate.floor, None),
-                  ("logits", "worst", s["export_worst"], s["reference_worst"], gate.worst, gate.floor, gate.cap),
-                  ("state", "worst", s["state_export"], s["state_reference"], gate.worst, gate.state_floor,
-                   gate.state_cap)]
+        checks = [("logits", "median", s["export_median"], s["reference_median"], gate.typical, gate.floor, gate.cap),
+                  ("logits", "worst", s["export_worst"], s["reference_worst"], gate.worst, gate.floor, None),
+                  ("state", "worst", s["state_export"], s["state_reference"], gate.worst, gate.state_floor, None)]
         for what, stat, ours, ref, factor, floor, cap in checks:
             if cap is not None and not ours <= cap:
                 out.append(f"{name}: {what} {stat} distance from float64 {ours:.3g} > cap {cap:g}")
             elif not ours <= max(factor * ref, floor):
                 out.append(f"{name}: {what} {stat} distance from float64 {ours:.3g} > {factor:g} x the reference's "
                            f"{ref:.3g} (and > floor {floor:g})")
+        if not s["state_export_median"] <= gate.state_cap:
+            out.append(f"{name}: state median distance from float64 {s['state_export_median']:.3g} > cap "
+                       f"{gate.state_cap:g}")
         if s["top1_ties"] < gate.top1:
             out.append(f"{name}: top-1 agreement with float64 {s['top1_ties']:.1%} (near-ties counted) < {gate.top1:.0%}")
         return out
@@ -314,8 +321,8 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
     check_backend(backend)
     json_path = _writable(json_path) if json_path else None
     m = read_manifest(folder)
-    if session is None and backend == "ort":  # opened first: a folder ONNX Runtime refuses fails before the slow part
-        session = open_session(folder, "ort", providers, threads, trust_custom_ops=trust_custom_ops)
+    if session is None and backend in ("ort", "trt"):  # opened first: a folder the runtime refuses fails before the slow part
+        session = open_session(folder, backend, providers, threads, trust_custom_ops=trust_custom_ops)
     if m["precision"] not in GATES:
         raise RWKVDeployError(f"{folder}: unknown precision {m['precision']!r} in manifest.json; this rwkv-deploy "
                               f"certifies {', '.join(GATES)}")
