@@ -86,6 +86,33 @@ def test_two_graphs_store_each_weight_once(make_ckpt, tmp_path):
     assert any(name.startswith("model.blocks.0.att.key.weight~") for name in step)  # folded transposes, named
 
 
+@pytest.mark.parametrize("version", ["4", "7"])
+def test_export_reads_the_checkpoint_in_one_pass(make_ckpt, tmp_path, monkeypatch, version):
+    """Every tensor the export reads (weights, golden logits at the export's precision and in float64) is read in one
+    pass over the file: once a layer's tensors are left for the next layer's, they are not read again. Before, the
+    golden logits re-read every layer twice after the weights were written."""
+    from rwkv_deploy.models.checkpoint import Checkpoint
+
+    reads = []
+    checked = Checkpoint.checked
+    def reading(self, key):
+        # the skeleton traced for the graphs reads shapes only; ln_out's two vectors are read when a model is built
+        if not self.weights[key].is_meta and not key.startswith("ln_out."):
+            reads.append(key)
+        return checked(self, key)
+
+    monkeypatch.setattr(Checkpoint, "checked", reading)
+    export(make_ckpt(version), tmp_path / "out", prefill="last")
+
+    def group(key):  # the checkpoint's order: emb and ln0, then each layer, then the head
+        if key.startswith("blocks.") and ".ln0." not in key:
+            return 1 + int(key.split(".")[1])
+        return 0 if key.startswith(("emb.", "blocks.0.ln0.")) else 10 ** 6
+    visits = [g for i, g in enumerate(map(group, reads)) if i == 0 or g != group(reads[i - 1])]
+    assert visits == sorted(set(visits)), visits  # each group visited once, in order
+    assert len(set(visits)) == 2 + load_checkpoint(make_ckpt(version)).dims.n_layer
+
+
 def test_peak_memory_is_about_one_copy_of_the_weights(tmp_path):
     """A 4-layer x 1024 fp32 export (about 0.74 GB of weights, stored inside model.onnx) in a subprocess that reports
     its peak RSS: within the bound the streamed export promises at every size, 1.3 x the weights + 1.5 GB (the

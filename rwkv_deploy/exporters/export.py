@@ -29,10 +29,11 @@ from .. import __version__
 from ..custom_ops.build import file_sha256
 from ..errors import RWKVDeployError
 from ..models import load_checkpoint
+from ..models.common import Params
 from ..models.model import RWKV
 from ..runtime.manifest import FORMAT, MANIFEST, current_umask, tokenizer_entry, write_json_atomic
 from ..runtime.tokenizer import default_tokenizer_file
-from ..validation.loop import stepwise_layers
+from ..validation.loop import LayerReplay
 from ..validation.metrics import normalised
 from .onnx_graph import (EXTERNAL_THRESHOLD, LOGITS, TOKENS, WEIGHTS_FILE, PrefillGraph, StepGraph, WeightWriter,
                          skeleton, state_io_names, trace_graph)
@@ -148,12 +149,22 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         log.info("[2/4] %s traced in %.1fs", " and ".join(files.values()), time.time() - t1)
         t1 = time.time()
         model = RWKV(ckpt, dtype, wkv=wkv, lazy=True).eval()  # real weights, one layer at a time
-        writer.write(((f"model.{n}", t) for n, t in model.prepared_weights()),
+        # the golden tokens run through each layer as it is written, at the export's precision and in float64,
+        # so the checkpoint is read once (a layer's pages are still in memory when its float64 copy is made)
+        tokens = np.random.default_rng(GOLDEN_SEED).integers(0, d.vocab_size, GOLDEN_STEPS).tolist()
+        exact_model = RWKV(ckpt, torch.float64, lazy=True).eval()
+        at_precision, exact = (LayerReplay(m, torch.tensor([tokens])) for m in (model, exact_model))
+
+        def replay(i, block):
+            at_precision.layer(i, Params(block))
+            exact.layer(i, exact_model.blocks[i])
+
+        writer.write(((f"model.{n}", t) for n, t in model.prepared_weights(replay)),
                      progress=progress and (lambda i, n: progress(i, n, "writing weights")))
         for file in files.values():
             onnx.checker.check_model(str(tmp / file))  # by path: works past 2 GiB
         del writer
-        log.info("[2/4] %.2f GB of weights written%s in %.1fs", weight_bytes / 1e9,
+        log.info("[2/4] %.2f GB of weights written%s (golden tokens replayed alongside) in %.1fs", weight_bytes / 1e9,
                  f" to {WEIGHTS_FILE}" if external else "", time.time() - t1)
         _phase(progress, 3, "golden logits (float64 reference)")
         state = _state_entries(model, tmp)
@@ -168,11 +179,8 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         log.info("[3/4] state table (%d tensors) and tokenizer (%s) written", len(state),
                  tok_entry["kind"] if tok_entry else "none")
         t1 = time.time()
-        tokens = np.random.default_rng(GOLDEN_SEED).integers(0, d.vocab_size, GOLDEN_STEPS).tolist()
-        at_precision = _replay(model, tokens)  # sets the golden tolerance
         rescale_every = model.rescale_every
-        del model  # the float64 reference needs the memory
-        golden = _golden(ckpt, tokens, at_precision, precision, tmp)
+        golden = _golden(tokens, at_precision.result()[0][0], exact.result()[0][0], precision, tmp)
         log.info("[3/4] golden logits (%d tokens, float64 reference) in %.1fs", len(tokens), time.time() - t1)
         manifest = {
             "format": FORMAT, "rwkv_version": d.version, "n_layer": d.n_layer, "n_embd": d.n_embd,
@@ -416,13 +424,10 @@ def _find_tokenizer(ckpt, given) -> tuple[Path | None, dict | None]:
     return path, tokenizer_entry(path, ckpt.dims.vocab_size)
 
 
-def _replay(model: RWKV, tokens: list[int]) -> np.ndarray:
-    """Logits [T, V] (float64) of `tokens` fed one at a time from the initial state, batch 1."""
-    return stepwise_layers(model, torch.tensor([tokens]))[0][0]
-
-
-def _golden(ckpt, tokens: list[int], at_precision: np.ndarray, precision: str, folder: Path) -> dict:
-    """Write the golden logits (design.md §2) into `folder`; returns manifest["golden"].
+def _golden(tokens: list[int], at_precision: np.ndarray, exact: np.ndarray, precision: str, folder: Path) -> dict:
+    """Write the golden logits (design.md §2) into `folder`; returns manifest["golden"]. `exact` and
+    `at_precision` are `tokens`' logits [T, V] fed one at a time from the initial state, batch 1, by the float64
+    reference and by the reference at the export's precision.
 
     The logits are the float64 reference's: what every client can reproduce with the step graph, held against
     exact math rather than against another implementation at some precision. The tolerance scales with how far
@@ -432,7 +437,6 @@ def _golden(ckpt, tokens: list[int], at_precision: np.ndarray, precision: str, f
     up to 3e-6..3e-5 (fp32) and 3e-3..9e-2 (fp16), 1-3x further than the reference at its precision; the floors
     leave room for clients on other hardware, the caps still fail a wrong graph.
     """
-    exact = _replay(RWKV(ckpt, torch.float64, lazy=True).eval(), tokens)
     (folder / GOLDEN_FILE).parent.mkdir(exist_ok=True)
     exact.astype("<f4").tofile(folder / GOLDEN_FILE)
     floor, cap = GOLDEN_BOUNDS[precision]

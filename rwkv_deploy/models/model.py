@@ -118,13 +118,17 @@ class RWKV(nn.Module):
         keep32 = V.fp32_keys | {"att.time_state"} if dtype == torch.float16 else frozenset()
         return {k: t.to(torch.float32 if k in keep32 else dtype) for k, t in p.items()}
 
-    def prepared_weights(self):
+    def prepared_weights(self, on_layer=None):
         """(name, tensor) of every weight as the model holds it, named as its buffers are (ONNX initializers
-        get these names), one layer at a time: what a streamed export writes."""
+        get these names), one layer at a time: what a streamed export writes. on_layer(i, tensors) runs after
+        layer i's are yielded, while its pages are still in memory (an export replays its golden tokens then)."""
         yield "emb", self.emb if not self.lazy else self.embedding()
         for i in range(self.dims.n_layer):
-            for k, t in self.prepare_block(i).items():
+            block = self.prepare_block(i)
+            for k, t in block.items():
                 yield f"blocks.{i}.{k}", t
+            if on_layer is not None:
+                on_layer(i, block)
         yield "ln_out.weight", self.ln_out.weight
         yield "ln_out.bias", self.ln_out.bias
         yield "head", self.head if not self.lazy else self.head_weight()

@@ -25,21 +25,41 @@ def stepwise_layers(model, tokens, state=None):
     every token (one at a time, its state carried) before layer i+1 starts, so a lazy model (RWKV(..., lazy=True))
     prepares each layer's weights once and holds one layer at a time. The same per-token arithmetic as
     model.step, so the same numbers."""
-    import torch
+    replay = LayerReplay(model, tokens, state)
+    for i, blk in enumerate(model.blocks):
+        replay.layer(i, blk)
+    return replay.result()
 
-    B, T = tokens.shape
-    state = model.init_state(B) if state is None else state
-    n = len(model.kinds)
-    with torch.no_grad():
-        xs = [model.embed(tokens[:, t:t + 1]) for t in range(T)]  # per token [B, 1, C]
-        carry, new = [None] * T, []
-        for i, blk in enumerate(model.blocks):
-            st = state[i * n:(i + 1) * n]
-            for t in range(T):
-                xs[t], st, carry[t] = model.layer(i, blk, xs[t], st, carry[t], single_step=True)
-            new += st
-        logits = np.stack([_float64(y[:, 0]) for y in model.logits_each(xs)], 1)  # [B, T, V]
-    return logits, new
+
+class LayerReplay:
+    """stepwise_layers with the caller handing over each layer's weights, in order: `layer(i, blk)` for i = 0..L-1,
+    then `result()`. An export feeds it the layers it is writing, so the checkpoint is read once."""
+
+    def __init__(self, model, tokens, state=None):
+        import torch
+
+        self.model, self.torch, self.n = model, torch, len(model.kinds)
+        B, T = tokens.shape
+        self.state = model.init_state(B) if state is None else state
+        with torch.no_grad():
+            self.xs = [model.embed(tokens[:, t:t + 1]) for t in range(T)]  # per token [B, 1, C]
+        self.carry, self.new = [None] * T, []
+
+    def layer(self, i: int, blk) -> None:
+        if i * self.n != len(self.new):
+            raise ValueError(f"layer {i} out of order (expected {len(self.new) // self.n})")
+        st = self.state[i * self.n:(i + 1) * self.n]
+        with self.torch.no_grad():
+            for t in range(len(self.xs)):
+                self.xs[t], st, self.carry[t] = self.model.layer(i, blk, self.xs[t], st, self.carry[t],
+                                                                 single_step=True)
+        self.new += st
+
+    def result(self):
+        """(logits [B, T, V] float64, final state)."""
+        with self.torch.no_grad():
+            logits = np.stack([_float64(y[:, 0]) for y in self.model.logits_each(self.xs)], 1)
+        return logits, self.new
 
 
 def _float64(x) -> np.ndarray:
