@@ -94,6 +94,24 @@ def _build_ops(a):
     print(build_library(force=a.force, ort_include=a.ort_include, cuda=a.cuda))
 
 
+def _engine(a):
+    from .trt.engine import build_engines
+
+    for e in build_engines(a.folder, max_batch=a.max_batch, max_seq=a.max_seq, targets=a.target,
+                           timing_cache=a.timing_cache):
+        print(f"{a.folder}/{e['file']}: {e['graph']} graph, {e['flavour']} {e['version']}, {e['compute_dtype']}, "
+              f"for {' '.join(e['targets'])}" + (f", plugins {' '.join(p['name'] for p in e['plugins'])}"
+                                                if e["plugins"] else ""))
+
+
+def _triton(a):
+    from .triton import write_repository
+
+    out = write_repository(a.folder, a.output, backend=a.backend, max_batch=a.max_batch, strategy=a.strategy,
+                           name=a.name, force=a.force)
+    print(f"{out}: Triton model repository ({a.backend} backend); see docs/triton.md")
+
+
 def _demo(a):
     from .demo import demo
 
@@ -193,7 +211,7 @@ def _describe(e: BaseException, command: str) -> str:
 
 def _session_options(s, backend_help: str) -> None:
     """The options that pick and tune the Session (`run` and `verify`)."""
-    s.add_argument("--backend", default="ort", help=backend_help)  # checked by the library: "trt" gets its own message
+    s.add_argument("--backend", default="ort", help=backend_help)  # checked by the library (one message for all)
     s.add_argument("--provider", choices=["cpu", "cuda"],
                    help="ort: ONNX Runtime execution provider (default: cuda if this onnxruntime has it, else cpu; "
                         "cuda keeps the state on the GPU); torch: the device (default cpu)")
@@ -241,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_seed, default=0, help="seed of the random token stream (default 0)")
     s.add_argument("--json", help="also write the report here (OUT/verify.json is always written)")
     s.add_argument("--float64", action="store_true", help=argparse.SUPPRESS)  # always on now; kept for old scripts
-    _session_options(s, "the export runs on: ort (ONNX Runtime, default) or torch (the PyTorch reference at the "
-                        "export's precision, a check of the harness)")
+    _session_options(s, "the export runs on: ort (ONNX Runtime, default), trt (its TensorRT engines, on a GPU) or "
+                        "torch (the PyTorch reference at the export's precision, a check of the harness)")
     s.set_defaults(fn=_verify)
 
     s = sub.add_parser("run", help="generate text with an export folder (or a checkpoint with --backend torch)")
@@ -252,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=_temperature, default=1.0, help="0 = greedy (default 1.0)")
     s.add_argument("--top-p", type=_top_p, default=0.85, help="nucleus sampling mass, in (0, 1] (default 0.85)")
     s.add_argument("--seed", type=_seed, help="fix for reproducible output: an integer in [0, 2**63)")
-    _session_options(s, "ort (ONNX Runtime on an export folder, default) or torch (the PyTorch reference, on a "
-                        "checkpoint or on an export folder's source checkpoint)")
+    _session_options(s, "ort (ONNX Runtime on an export folder, default), trt (its TensorRT engines, on a GPU) or "
+                        "torch (the PyTorch reference, on a checkpoint or on an export folder's source checkpoint)")
     s.set_defaults(fn=_run)
 
     s = sub.add_parser("build-ops", help="build the ONNX Runtime custom-op library (fused WKV) and print its path")
@@ -273,6 +291,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("folder")
     s.add_argument("file", help="tokenizers .json or RWKV World .txt")
     s.set_defaults(fn=_tokenizer)
+
+    s = sub.add_parser("engine", help="build TensorRT engines for an export folder's graphs (listed in its manifest)")
+    s.add_argument("folder")
+    s.add_argument("--max-batch", type=_positive, default=8, help="largest batch the engines take")
+    s.add_argument("--max-seq", type=_positive, default=512, help="longest prompt the prefill engine takes")
+    s.add_argument("--target", nargs="+", metavar="SM",
+                   help="TensorRT-RTX target GPUs, e.g. SM89 SM120 (default: this machine's GPU)")
+    s.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache to read and update")
+    s.set_defaults(fn=_engine)
+
+    s = sub.add_parser("triton", help="a Triton Inference Server model repository serving an export folder")
+    s.add_argument("folder", metavar="OUT", help="export folder")
+    s.add_argument("-o", "--output", required=True, help="repository folder to create")
+    s.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "python"],
+                   help="Triton backend: onnxruntime or tensorrt (implicit state in Triton), or python (our "
+                        "ONNX Runtime session; state per sequence in the model; prompts in one request)")
+    s.add_argument("--max-batch", type=_positive, default=8, help="largest batch of sequences run at once")
+    s.add_argument("--strategy", default="oldest", choices=["oldest", "direct"],
+                   help="sequence batcher strategy: oldest (dynamic batches of sequences) or direct (a batch slot "
+                        "per sequence)")
+    s.add_argument("--name", default="rwkv", help="model name in the repository")
+    s.add_argument("--force", action="store_true", help="replace an existing repository written by this command")
+    s.set_defaults(fn=_triton)
 
     s = sub.add_parser("demo", help="make, export, verify and run a small model: no files needed")
     s.add_argument("--dir", default="rwkv-deploy-demo", help="working folder (default ./rwkv-deploy-demo)")

@@ -175,7 +175,7 @@ def test_torch_session_of_an_export_runs_at_its_precision(exported):
 
 
 def test_open_session_choices(make_ckpt, exported):
-    with pytest.raises(RWKVDeployError, match="TensorRT backend is not available yet"):
+    with pytest.raises(RWKVDeployError, match="has no TensorRT engine for its step graph.*rwkv-deploy engine"):
         open_session(exported("7"), backend="trt")
     with pytest.raises(RWKVDeployError, match="unknown backend 'tf'.*ort, torch"):
         open_session(exported("7"), backend="tf")
@@ -236,7 +236,7 @@ def test_run_on_any_backend_reports_tokens_per_second(world_model):
 def test_run_refuses_what_it_cannot_run(world_model):
     ckpt, out = world_model
     one_error_line(run_cli("run", ckpt, "--prompt", "x"), "is a checkpoint, not an export folder", "--backend torch")
-    one_error_line(run_cli("run", out, "--prompt", "x", "--backend", "trt"), "TensorRT backend is not available yet")
+    one_error_line(run_cli("run", out, "--prompt", "x", "--backend", "trt"), "has no TensorRT engine", "rwkv-deploy engine")
     one_error_line(run_cli("run", out, "--prompt", "x", "--backend", "jax"), "unknown backend")
     one_error_line(run_cli("run", out, "--prompt", "x", "--provider", "tpu"), "--provider")
     if not _has_cuda_ort():
@@ -261,5 +261,5 @@ def test_verify_with_the_torch_backend_is_exact(exported):
     report = verify(exported("6", "fp16"), steps=6, batch=2, backend="torch", write=False)
     assert report and report.backend == "torch cpu float16"
     assert report.largest_ratio() == pytest.approx(1.0)
-    with pytest.raises(RWKVDeployError, match="TensorRT backend is not available yet"):
+    with pytest.raises(RWKVDeployError, match="has no TensorRT engine for its step graph"):
         verify(exported("6"), steps=2, backend="trt", write=False)

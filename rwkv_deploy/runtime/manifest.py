@@ -249,11 +249,15 @@ def _json_type(value) -> str:
 
 def write_json_atomic(path: Path, data) -> None:
     """Write to a temporary name beside `path`, then rename: readers never see half a file."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def write_bytes_atomic(path: Path, data) -> None:
+    """`data` (bytes or a buffer, e.g. a serialized engine) to a temporary name beside `path`, then renamed."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:

@@ -238,12 +238,10 @@ def _show(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-BACKENDS = ("ort", "torch")
+BACKENDS = ("ort", "torch", "trt")
 
 
 def check_backend(backend: str) -> str:
-    if backend == "trt":
-        raise RWKVDeployError("TensorRT backend is not available yet; use --backend ort or torch")
     if backend not in BACKENDS:
         raise RWKVDeployError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     return backend
@@ -267,6 +265,8 @@ def open_session(path: str | Path, backend: str = "ort", providers: str | list |
     native code).
     backend "torch": the PyTorch reference, on a checkpoint (float32) or on an export folder's source checkpoint
     at the export's precision; providers None/"cpu"/"cuda" picks the torch device.
+    backend "trt": an export folder's TensorRT engines (`rwkv-deploy engine`) on a CUDA GPU; trust_custom_ops
+    allows a WKV launcher library this installation did not build (fused exports).
     """
     check_backend(backend)
     path = Path(path)
@@ -278,6 +278,10 @@ def open_session(path: str | Path, backend: str = "ort", providers: str | list |
         if folder:
             return TorchSession.for_export(read_manifest(path), device=device, threads=threads)
         return TorchSession(path, device=device, threads=threads)
+    if backend == "trt" and folder:  # the folder's TensorRT engines (rwkv-deploy engine) on this machine's GPU
+        from ..trt.session import TrtSession
+
+        return TrtSession(path, trust_plugin_library=trust_custom_ops)
     if not folder and (path.is_file() or (path / "config.json").is_file()):
         raise RWKVDeployError(f"{path} is a checkpoint, not an export folder: export it first (`rwkv-deploy export`), "
                               "or run it with the PyTorch reference (--backend torch; Python: backend=\"torch\")")
