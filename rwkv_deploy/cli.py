@@ -81,6 +81,19 @@ def _check(a):
         raise VerificationFailed(result.reason())
 
 
+def _bench(a):
+    from .bench import bench, load_results, require_matplotlib, write_outputs
+
+    if a.plot:
+        require_matplotlib()  # before minutes of timing, not after
+    earlier = load_results(a.plot_with)
+    result = bench(a.target, a.backend, a.batch, a.tokens, a.prompt_len, a.repeats, threads=a.threads,
+                   providers=a.provider, against=a.against, trust_custom_ops=a.trust_custom_ops,
+                   progress=lambda what: print(f"... {what}", file=sys.stderr, flush=True))
+    print(result.table())
+    write_outputs(earlier + [result], a.json, a.plot)
+
+
 def _tokenizer(a):
     from .runtime.manifest import attach_tokenizer
 
@@ -314,6 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default="rwkv", help="model name in the repository")
     s.add_argument("--force", action="store_true", help="replace an existing repository written by this command")
     s.set_defaults(fn=_triton)
+
+    s = sub.add_parser("bench", help="decode/prefill tok/s, time to first token, peak RSS and the bandwidth floor")
+    s.add_argument("target", help="export folder (or a checkpoint with --backend torch)")
+    s.add_argument("--batch", type=_positive, default=1, help="sequences stepped together (default 1)")
+    s.add_argument("--tokens", type=_positive, default=64, help="decode steps per repeat (default 64)")
+    s.add_argument("--prompt-len", type=_positive, default=256, help="prompt length for prefill (default 256)")
+    s.add_argument("--repeats", type=_positive, default=5, help="timed repeats; the median is reported (default 5)")
+    s.add_argument("--against", nargs="+", choices=["rwkv"], default=[],
+                   help="also time the official rwkv package on the export's source .pth, in the same run")
+    s.add_argument("--json", help="write the results here (a list, one entry per run)")
+    s.add_argument("--plot", help="write a PNG of tok/s with the bandwidth floor drawn (needs matplotlib)")
+    s.add_argument("--plot-with", nargs="+", default=[], metavar="JSON",
+                   help="earlier --json files to put in the same plot and JSON (e.g. other precisions)")
+    _session_options(s, "ort (ONNX Runtime, default), trt (TensorRT engines) or torch (the PyTorch reference)")
+    s.set_defaults(fn=_bench)
 
     s = sub.add_parser("demo", help="make, export, verify and run a small model: no files needed")
     s.add_argument("--dir", default="rwkv-deploy-demo", help="working folder (default ./rwkv-deploy-demo)")

@@ -1,0 +1,127 @@
+"""Side by side in one run: rwkv-deploy's exports of 169M-shaped random checkpoints (v4 and v7 by default), the
+official package, and rwkv.cpp when RWKVCPP points at a local build of it (../shared/peers/build_rwkvcpp.sh).
+
+Each export is timed by `rwkv-deploy bench` in its own process (peak RSS is then its own); the official package by
+`bench --against rwkv` on the first export; rwkv.cpp through the peers' bench_rwkvcpp binary on FP32/FP16/Q8_0/Q4_0
+conversions of the same checkpoint. Decode tok/s at batch 1 and prefill tok/s of --prompt-len tokens, one table.
+
+    python bench/speed_table.py [--versions 4 7] [--precisions fp32 fp16 fp32-fused] [--tokens 64]
+        [--prompt-len 256] [--repeats 5] [--threads 2] [--dir speed] [--json F] [--plot F.png]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import add_model_args, write_checkpoint  # noqa: E402
+
+CLI = [sys.executable, "-m", "rwkv_deploy.cli"]
+RWKVCPP_FORMATS = ("FP32", "FP16", "Q8_0", "Q4_0")
+
+
+def export_args(variant: str) -> list[str]:
+    precision, _, wkv = variant.partition("-")
+    return ["--precision", precision, "--prefill"] + (["--wkv", wkv] if wkv else [])
+
+
+def run_bench(folder: Path, a, out: Path, against: bool) -> dict:
+    cmd = [*CLI, "bench", str(folder), "--tokens", str(a.tokens), "--prompt-len", str(a.prompt_len),
+           "--repeats", str(a.repeats), "--json", str(out), "--provider", "cpu"]
+    cmd += ["--threads", str(a.threads)] if a.threads else []
+    cmd += ["--against", "rwkv"] if against else []
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())[0]
+
+
+def rwkvcpp(ckpt: Path, version: str, a, work: Path) -> dict[str, dict]:
+    """{format: {decode_tok_s, prefill_tok_s}} from rwkv.cpp's own conversions of `ckpt`."""
+    root = Path(os.environ["RWKVCPP"]) / "src"
+    binary = work / "bench_rwkvcpp"
+    peers = Path(__file__).resolve().parents[2] / "shared" / "peers"
+    if not binary.exists():
+        subprocess.run(["cc", "-O2", "-o", str(binary), str(peers / "bench_rwkvcpp.c"), f"-I{root}",
+                        f"-L{root / 'build'}", "-lrwkv", f"-Wl,-rpath,{root / 'build'}", "-lm"], check=True)
+    source = ckpt
+    if version == "7":  # rwkv.cpp at the pinned commit cannot load layer 0's unused v0/v1/v2 (peers README)
+        import torch
+
+        sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+        source = work / f"{ckpt.stem}-rwkvcpp.pth"
+        torch.save({k: v for k, v in sd.items() if not k.startswith(("blocks.0.att.v0", "blocks.0.att.v1",
+                                                                     "blocks.0.att.v2"))}, source)
+    tokens = work / "tokens.txt"
+    tokens.write_text(" ".join(str(i * 7919 % 50000) for i in range(max(a.prompt_len, a.tokens + 8))))
+    out = {}
+    for fmt in RWKVCPP_FORMATS:
+        model = work / f"{ckpt.stem}-{fmt}.bin"
+        if fmt in ("FP32", "FP16"):
+            subprocess.run([sys.executable, str(root / "python" / "convert_pytorch_to_ggml.py"), str(source),
+                            str(model), fmt], check=True, stdout=subprocess.DEVNULL)
+        else:
+            subprocess.run([sys.executable, "python/quantize.py", str(work / f"{ckpt.stem}-FP16.bin"), str(model),
+                            fmt], check=True, cwd=root, stdout=subprocess.DEVNULL)
+        threads = str(a.threads or os.cpu_count())
+        dec = subprocess.run([str(binary), str(model), threads, "decode", str(tokens), "8", str(a.tokens),
+                              str(a.repeats)], check=True, capture_output=True, text=True).stdout
+        pre = subprocess.run([str(binary), str(model), threads, "prefill", str(tokens), str(a.prompt_len),
+                              str(a.repeats), "64"], check=True, capture_output=True, text=True).stdout
+        out[fmt] = {"decode_tok_s": json.loads(dec.splitlines()[-1])["median"],
+                    "prefill_tok_s": max(json.loads(x)["median"] for x in pre.splitlines() if x.startswith("{"))}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_model_args(ap)
+    ap.add_argument("--versions", nargs="+", default=["4", "7"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "fp32-fused"])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--dir", default="speed")
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    a = ap.parse_args()
+    work = Path(a.dir)
+    work.mkdir(exist_ok=True)
+    rows, results = [], []
+    for v in a.versions:
+        ckpt = work / f"v{v}-{a.layers}x{a.embd}.pth"
+        if not ckpt.exists():
+            write_checkpoint(a, ckpt, v)
+        for i, variant in enumerate(a.precisions):
+            folder = work / f"v{v}-{variant}"
+            if not (folder / "manifest.json").exists():
+                subprocess.run([*CLI, "export", str(ckpt), "-o", str(folder), "--force", *export_args(variant)],
+                               check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            r = run_bench(folder, a, work / f"v{v}-{variant}.json", against=i == 0)
+            results.append(work / f"v{v}-{variant}.json")
+            rows.append((v, f"rwkv-deploy {variant}", r["decode_tok_s"], r["prefill_tok_s"], r["floor_tok_s"]))
+            for peer, p in r["peers"].items():
+                rows.append((v, f"{peer} (official) fp32", p["decode_tok_s"], p["prefill_tok_s"], None))
+        if os.environ.get("RWKVCPP"):
+            for fmt, p in rwkvcpp(ckpt, v, a, work).items():
+                rows.append((v, f"rwkv.cpp {fmt}", p["decode_tok_s"], p["prefill_tok_s"], None))
+    print(f"batch 1, {a.layers}x{a.embd}, vocab {a.vocab}, decode over {a.tokens} steps, prefill of {a.prompt_len} "
+          f"tokens, medians of {a.repeats}; floor = weight bytes per step / measured bandwidth")
+    print(f"{'ver':<4}{'runtime':<28}{'decode tok/s':>13}{'prefill tok/s':>15}{'floor tok/s':>12}")
+    for v, name, dec, pre, floor in rows:
+        print(f"{v:<4}{name:<28}{dec:>13.1f}{pre:>15.1f}{floor or float('nan'):>12.1f}")
+    if not os.environ.get("RWKVCPP"):
+        print("(rwkv.cpp not run: set RWKVCPP to a build from ../shared/peers/build_rwkvcpp.sh)")
+    if a.json:
+        Path(a.json).write_text(json.dumps([dict(zip(("version", "runtime", "decode_tok_s", "prefill_tok_s",
+                                                      "floor_tok_s"), r)) for r in rows], indent=1))
+    if a.plot:
+        from rwkv_deploy.bench import load_results, plot
+
+        Path(a.plot).write_bytes(plot(load_results(results)))
+
+if __name__ == "__main__":
+    main()
