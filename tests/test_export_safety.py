@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import rwkv_deploy.exporters.export as ex
+import rwkv_deploy.staging as staging
 from conftest import one_error_line, run_cli
 from rwkv_deploy.errors import RWKVDeployError
 from rwkv_deploy.models import load_checkpoint
@@ -91,8 +92,8 @@ def test_force_replaces_an_export_and_leaves_no_temp(make_ckpt, tmp_path, monkey
     out = ex.export(make_ckpt("4"), tmp_path / "o")
     (out / "stale.txt").write_text("x")
     used = []
-    real = ex._exchange
-    monkeypatch.setattr(ex, "_exchange", lambda a, b: used.append(1) or (real(a, b) if exchange else False))
+    real = staging.exchange
+    monkeypatch.setattr(staging, "exchange", lambda a, b: used.append(1) or (real(a, b) if exchange else False))
     ex.export(make_ckpt("5.2"), out, force=True)
     assert used, "an existing OUT is swapped, not renamed away"
     assert json.loads((out / "manifest.json").read_text())["rwkv_version"] == "5.2"
@@ -114,7 +115,7 @@ def test_exchange_swaps_two_folders(tmp_path):
     a.mkdir()
     b.mkdir()
     (a / "from_a").touch()
-    if not ex._exchange(a, b):
+    if not staging.exchange(a, b):
         pytest.skip("renameat2(RENAME_EXCHANGE) is not available here; the two-rename fallback is tested above")
     assert [p.name for p in b.iterdir()] == ["from_a"] and list(a.iterdir()) == []
 
@@ -169,7 +170,7 @@ def test_sweep_removes_only_dead_owners_folders(tmp_path):
     dead.wait()
     alive = subprocess.Popen(["sleep", "60"])
     try:
-        host = ex._HOST
+        host = staging.HOST
         names = {
             f".o.tmp-{dead.pid}-{host}-abc_12": False,  # swept
             f".o.old-{dead.pid}-{host}-0f0f0f0f": False,  # swept
@@ -183,7 +184,7 @@ def test_sweep_removes_only_dead_owners_folders(tmp_path):
             (tmp_path / n / "f").touch()
         target = tmp_path / "user-data"
         (tmp_path / f".o.tmp-{dead.pid}-{host}-link").symlink_to(target)  # a link is never followed nor removed
-        ex._sweep_stale(tmp_path)
+        staging.sweep_stale(tmp_path)
         for n, kept in names.items():
             assert (tmp_path / n).exists() == kept, n
         assert (tmp_path / f".o.tmp-{dead.pid}-{host}-link").is_symlink() and (target / "f").exists()

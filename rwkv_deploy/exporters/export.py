@@ -1,22 +1,11 @@
 """`rwkv-deploy export`: checkpoint -> export folder (design.md §2), written atomically."""
 from __future__ import annotations
 
-import ctypes
-import errno
-import functools
-import hashlib
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
-import signal
-import socket
-import tempfile
-import threading
 import time
-from contextlib import contextmanager, suppress
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,8 +20,9 @@ from ..errors import RWKVDeployError
 from ..models import load_checkpoint
 from ..models.common import Params
 from ..models.model import RWKV
-from ..runtime.manifest import FORMAT, MANIFEST, current_umask, tokenizer_entry, write_json_atomic
+from ..runtime.manifest import FORMAT, MANIFEST, tokenizer_entry, write_json_atomic
 from ..runtime.tokenizer import default_tokenizer_file
+from ..staging import destination, protected, sigterm_raises_exit, staged
 from ..validation.loop import LayerReplay
 from ..validation.metrics import normalised
 from .onnx_graph import (EXTERNAL_THRESHOLD, LOGITS, TOKENS, WEIGHTS_FILE, PrefillGraph, StepGraph, WeightWriter,
@@ -53,32 +43,7 @@ GOLDEN_FACTOR = 10
 GOLDEN_BOUNDS = {"fp32": (1e-4, 1e-3), "fp16": (0.1, 0.25)}
 
 
-def _sigterm_raises_exit(fn):
-    """While `fn` runs in the main thread, SIGTERM raises SystemExit(143) instead of killing the process on the
-    spot, so that the half-written temporary folder is removed on the way out. Only when SIGTERM has its default
-    action: a handler the application installed itself is left alone. SIGKILL cannot be caught; the sweep at the
-    start of the next export removes what it leaves."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if (threading.current_thread() is not threading.main_thread()
-                or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
-            return fn(*args, **kwargs)
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    return wrapper
-
-
-def _on_sigterm(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut short the cleanup of the first
-    raise SystemExit(128 + signum)
-
-
-@_sigterm_raises_exit
+@sigterm_raises_exit
 def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokenizer=None,
            external_data: bool | None = None, force: bool = False, prefill: str | bool | None = None,
            wkv: str = "portable", ort_include=None, progress=None) -> Path:
@@ -96,9 +61,8 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         raise RWKVDeployError(f"unknown --wkv {wkv!r}; expected one of {', '.join(WKV_MODES)}")
     if not 17 <= opset <= 23:  # 17 brings LayerNormalization
         raise RWKVDeployError(f"opset {opset} is not supported; use 17..23 (default 18)")
-    out = _destination(out)
+    out = destination(out)
     _check_destination(out, force, checkpoint)
-    _sweep_stale(out.parent)
     t0 = time.time()
     ckpt = load_checkpoint(checkpoint)  # headers and shapes; each tensor is read when it is written
     log.info("[1/4] opened RWKV-%s %s (%d layers x %d, %s params) in %.1fs", ckpt.version, ckpt.path.name,
@@ -123,12 +87,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         raise RWKVDeployError(f"{weight_bytes / 1e9:.1f} GB of weights cannot be stored inside one .onnx file "
                               "(protobuf's 2 GiB limit); export with external data (the default)")
     d = ckpt.dims
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{_owner()}-"))
-    except OSError as e:
-        raise RWKVDeployError(f"cannot write to {out.parent} ({e.strerror}); choose another -o")
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+    with staged(out, "export") as tmp:
         t1 = time.time()
         _phase(progress, 0, "tracing the graphs")
         writer = WeightWriter(tmp / WEIGHTS_FILE, external)
@@ -199,13 +158,6 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_json_atomic(tmp / MANIFEST, manifest)
-        _commit(tmp, out)
-    except BaseException as e:
-        _remove(tmp)  # after a swap this is the old folder, so it goes either way
-        if isinstance(e, OSError):  # disk full, read-only, permission denied: the user's to fix, not a bug
-            where = f" ({e.filename})" if e.filename else ""
-            raise RWKVDeployError(f"writing the export to {out} failed: {e.strerror or e}{where}") from e
-        raise
     log.info("[4/4] exported to %s in %.1fs (%s)", out, time.time() - t0, _size(out))
     return out
 
@@ -222,21 +174,12 @@ def _graph_entry(file: str, external: bool, tokens_shape: list, vocab: int) -> d
             "logits_shape": ["batch", vocab]}
 
 
-def _destination(out) -> Path:
-    """Absolute, with the parent's symlinks and a trailing '..' resolved, but a symlinked OUT itself kept: replacing
-    such an OUT replaces the link, never the folder it points to."""
-    out = Path(out).absolute()
-    if out.name == "..":
-        out = out.resolve()
-    return out.parent.resolve() / out.name
-
-
 def _check_destination(out: Path, force: bool, checkpoint) -> None:
     """Everything about OUT that can be refused is refused here, before the checkpoint is loaded."""
     if out.exists() and not out.is_dir():
         raise RWKVDeployError(f"{out} exists and is a file; choose a folder name for -o")
     if out.exists():
-        why = _protected(out, checkpoint)
+        why = protected(out, checkpoint, "the checkpoint being exported")
         if why:
             raise RWKVDeployError(f"will not replace {out}: {why}; choose another -o (or remove it by hand)")
         if any(out.iterdir()):
@@ -252,37 +195,6 @@ def _check_destination(out: Path, force: bool, checkpoint) -> None:
         raise RWKVDeployError(f"cannot write to {parent} (permission denied); choose another -o")
 
 
-def _protected(out: Path, checkpoint) -> str | None:
-    """Why an existing OUT must never be replaced, or None: replacing deletes everything inside it."""
-    real = out.resolve()
-    if real == Path(real.anchor):
-        return "it is the root folder"
-    try:
-        cwd = Path.cwd().resolve()
-        if real == cwd or real in cwd.parents:
-            return "it is the current folder or one of its parents"
-    except OSError:  # the current folder was deleted: nothing of it to protect
-        pass
-    for src in _checkpoint_paths(checkpoint):
-        if src == real or real in src.parents:
-            return f"it holds the checkpoint being exported ({src})"
-    return None
-
-
-def _checkpoint_paths(checkpoint) -> set[Path]:
-    """The checkpoint as given and as resolved, and for an HF folder each file in it resolved too (in the HF cache
-    they are links into a blobs folder elsewhere)."""
-    src = Path(checkpoint).absolute()
-    paths = {src.parent.resolve() / src.name}
-    try:
-        paths.add(src.resolve())
-        if src.is_dir():
-            paths.update(p.resolve() for p in src.iterdir())
-    except (OSError, RuntimeError):  # unreadable folder, symlink loop: what we could resolve is checked
-        pass
-    return paths
-
-
 def _is_export_folder(folder: Path) -> bool:
     """A manifest.json that parses and whose format is rwkv-deploy/<n>: a folder this tool wrote."""
     manifest = folder / MANIFEST
@@ -293,107 +205,6 @@ def _is_export_folder(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and isinstance(data.get("format"), str) and data["format"].startswith("rwkv-deploy/")
-
-
-# Temporary folders are named .{OUT}.tmp-{pid}-{host}-{random} (.old- for the fallback swap) so that a later export
-# can tell whether their owner still runs. The host tag keeps one machine (or container, with its own pid space) from
-# sweeping another's folders in a shared parent.
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-_STALE = re.compile(r"^\..+\.(?:tmp|old)-(\d{1,10})-([0-9a-f]{8})-[A-Za-z0-9_]+$")
-
-
-def _owner() -> str:
-    return f"{os.getpid()}-{_HOST}"
-
-
-def _sweep_stale(parent: Path) -> None:
-    """Remove temporary folders of exports into `parent` whose process is gone (SIGKILL, power loss)."""
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return
-    for entry in entries:
-        m = _STALE.match(entry.name)
-        if not m or m.group(2) != _HOST or not entry.is_dir(follow_symlinks=False):
-            continue
-        pid = int(m.group(1))
-        if pid == os.getpid() or _running(pid):
-            continue
-        log.info("removing %s, left by an export (pid %d) that did not finish", entry.path, pid)
-        shutil.rmtree(entry.path, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    if pid <= 0:  # os.kill(0, ...) would address our own process group
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # another user's process, or not a pid at all: leave it alone
-        return True
-    return True
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    """Put the finished folder at OUT. An existing OUT is exchanged with it in one atomic step, so that OUT always
-    exists and is complete; the old contents, now at the temporary name, are deleted after."""
-    if not os.path.lexists(out):
-        os.replace(tmp, out)
-        return
-    if _exchange(tmp, out):
-        _remove(tmp)
-        return
-    # no renameat2 (old kernel, non-Linux, a filesystem without RENAME_EXCHANGE): two renames, with a short
-    # moment in which OUT does not exist
-    old = out.parent / f".{out.name}.old-{_owner()}-{secrets.token_hex(4)}"
-    with _signals_held():  # a signal between the renames would leave the old folder aside, to be swept
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            os.replace(old, out)
-            raise
-    _remove(old)
-
-
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE). False where that is not available."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # libc without it (glibc < 2.28, musl, macOS)
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL):  # kernel < 3.15, or the filesystem does not support exchange
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-@contextmanager
-def _signals_held():
-    """Delay SIGINT/SIGTERM (they are delivered when the block ends)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _remove(path: Path) -> None:
-    """Delete a folder we wrote, best effort (what stays is swept later); a symlink (a replaced OUT that was one)
-    is unlinked, never followed."""
-    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
-        with suppress(OSError):
-            os.unlink(path)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _state_entries(model: RWKV, folder: Path) -> list[dict]:

@@ -131,7 +131,7 @@ def read_manifest(folder: str | Path) -> Manifest:
     if not path.exists():
         raise RWKVDeployError(f"{folder} has no {MANIFEST}; it is not an rwkv-deploy export folder")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8 whatever the locale
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and ints over Python's digit limit
         raise RWKVDeployError(f"{path} is not valid JSON ({str(e)[:200]})")
     except RecursionError:
@@ -233,7 +233,7 @@ def _validator(fmt: str):
     integer = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
         "integer", lambda checker, x: isinstance(x, int) and not isinstance(x, bool))
     cls = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=integer)
-    return cls(json.loads(SCHEMAS[fmt].read_text()))
+    return cls(json.loads(SCHEMAS[fmt].read_text(encoding="utf-8")))
 
 
 def _format(data) -> str | None:

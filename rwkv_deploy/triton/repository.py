@@ -10,16 +10,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
 from ..errors import RWKVDeployError, check_batch
-from ..runtime.manifest import MANIFEST, Manifest, current_umask, read_manifest, write_json_atomic
+from ..runtime.manifest import MANIFEST, Manifest, read_manifest, write_json_atomic
+from ..staging import destination, protected, sigterm_raises_exit, staged
 from .config import (BACKENDS, IDLE_SECONDS, INITIAL_STATE_DIR, STRATEGIES, config_text, initial_state_file,
                      state_needs_file)
 
@@ -30,14 +29,12 @@ NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")  # a model name is a fo
 MAX_BATCH = 1024
 
 
+@sigterm_raises_exit
 def write_repository(export, out, *, backend: str = "onnxruntime", max_batch: int = 8, strategy: str = "oldest",
                      name: str = "rwkv", force: bool = False) -> Path:
     """Write a Triton model repository serving the export folder `export` at `out`; returns its path. Nothing is
     left at `out` on failure; an existing non-empty `out` is replaced only with force, and only if this command
     wrote it."""
-    # the folder helpers that `export` uses (temporary folder beside OUT, atomic swap, stale-folder sweep)
-    from ..exporters.export import _commit, _destination, _owner, _protected, _remove, _sweep_stale
-
     if backend not in BACKENDS:
         raise RWKVDeployError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if strategy not in STRATEGIES:
@@ -51,18 +48,12 @@ def write_repository(export, out, *, backend: str = "onnxruntime", max_batch: in
     if backend != "python" and m.custom_op_library("CPUExecutionProvider") is not None:
         raise RWKVDeployError(f"{export} is a fused export (rwkv custom ops), which Triton's {backend} backend "
                               "cannot run; re-export with --wkv portable, or use --backend python")
-    out = _destination(out)
+    out = destination(out)
     src = Path(export).resolve()
     if out.resolve() == src or src in out.resolve().parents or out.resolve() in src.parents:
         raise RWKVDeployError(f"-o {out} overlaps the export folder {src}; choose a folder outside it")
-    _check_destination(out, force, _protected(out, src))
-    _sweep_stale(out.parent)
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{_owner()}-"))
-    except OSError as e:
-        raise RWKVDeployError(f"cannot write to {out.parent} ({e.strerror}); choose another -o")
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+    _check_destination(out, force, protected(out, src, "the export being served"))
+    with staged(out, "repository") as tmp:
         model = tmp / name
         (model / "1").mkdir(parents=True)
         WRITERS[backend](m, model, max_batch, strategy)
@@ -72,13 +63,6 @@ def write_repository(export, out, *, backend: str = "onnxruntime", max_batch: in
             "written_by": f"rwkv-deploy {__version__}", "source": str(src), "model": name, "backend": backend,
             "strategy": strategy, "max_batch": max_batch, "rwkv_version": m["rwkv_version"],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        _commit(tmp, out)
-    except BaseException as e:
-        _remove(tmp)  # after a swap this is the old repository, so it goes either way
-        if isinstance(e, OSError):
-            where = f" ({e.filename})" if e.filename else ""
-            raise RWKVDeployError(f"writing the repository to {out} failed: {e.strerror or e}{where}") from e
-        raise
     log.info("wrote the Triton model repository %s (model %r, %s backend, %s strategy, max batch %d)",
              out, name, backend, strategy, max_batch)
     return out

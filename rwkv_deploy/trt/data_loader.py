@@ -20,7 +20,7 @@ PREFILL_TOKENS = 4  # positions fed to the prefill graph
 
 
 def manifest(folder=FOLDER) -> dict:
-    return json.loads((Path(folder) / "manifest.json").read_text())
+    return json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
 
 
 def initial_state(m: dict, folder=FOLDER, batch: int = 1) -> dict:

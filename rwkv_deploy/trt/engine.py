@@ -289,6 +289,6 @@ def engine_records(folder) -> list[dict]:
             raise RWKVDeployError(f"{folder}: engine {e['file']} or its record is missing; run `rwkv-deploy engine`")
         if e.get("sha256") and file_sha256(path) != e["sha256"]:
             raise RWKVDeployError(f"{path} is not the engine manifest.json lists (sha256 differs); rebuild it")
-        out.append(json.loads(rec.read_text()))
+        out.append(json.loads(rec.read_text(encoding="utf-8")))
     return out
 
