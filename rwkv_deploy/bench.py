@@ -118,9 +118,9 @@ def weight_bytes_per_step(folder: Path, manifest, providers: list[str]) -> tuple
     import onnx
 
     proto = onnx.load(str(folder / manifest.graph("step")["file"]), load_external_data=False)
-    size = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.DOUBLE: 8,
-            onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT8: 1,
-            onnx.TensorProto.UINT8: 1}
+    T = onnx.TensorProto
+    bits = {T.FLOAT: 32, T.FLOAT16: 16, T.BFLOAT16: 16, T.DOUBLE: 64, T.INT64: 64, T.INT32: 32, T.INT8: 8,
+            T.UINT8: 8, T.INT4: 4, T.UINT4: 4}
     cpu = providers[:1] == ["CPUExecutionProvider"]
     total, widened = 0, 0
     for t in proto.graph.initializer:
@@ -129,7 +129,7 @@ def weight_bytes_per_step(folder: Path, manifest, providers: list[str]) -> tuple
         n = int(np.prod(t.dims, dtype=np.int64))
         if t.data_type == onnx.TensorProto.FLOAT16 and cpu:
             widened += n * 2
-        total += n * size.get(t.data_type, 4)
+        total += (n * bits.get(t.data_type, 32) + 7) // 8  # int4: two values a byte
     note = "as stored" if not widened else f"fp16 weights read as float32 by the CPU provider: {widened / 1e6:.0f} MB more"
     return total + widened, note
 
