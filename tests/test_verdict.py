@@ -76,13 +76,13 @@ def _report(mode, precision="fp32"):
     (dict(export=[2e-5] * 10, reference=[4e-5] * 10), True),
     (dict(export=[9e-5] * 10, reference=[4e-5] * 10), True),  # within the median factor (3)
     (dict(export=[2e-4] * 10, reference=[4e-5] * 10), False),  # 5x further on every step
-    (dict(export=[3e-5] * 9 + [6e-4], reference=[4e-5] * 10), True),  # one ill-conditioned step, within 16x
-    (dict(export=[3e-5] * 9 + [8e-4], reference=[4e-5] * 10), False),  # 20x on the worst step
+    (dict(export=[3e-5] * 9 + [6e-4], reference=[4e-5] * 10), True),  # one ill-conditioned step, within 32x
+    (dict(export=[3e-5] * 9 + [1.6e-3], reference=[4e-5] * 10), False),  # 40x on the worst step
     (dict(export=[5e-6] * 10, reference=[1e-7] * 10), True),  # tiny model: under the floor
     (dict(export=[2e-3] * 10, reference=[1e-3] * 10), False),  # median over the cap, whatever the reference does
     # the first step from the zero state, ill-conditioned at width, puts both far past the cap: the ratio holds it
     (dict(export=[2e-3] + [3e-5] * 9, reference=[4e-3] + [4e-5] * 9), True),
-    (dict(export=[7e-2] + [3e-5] * 9, reference=[4e-3] + [4e-5] * 9), False),  # ... and catches a bad worst step
+    (dict(export=[0.2] + [3e-5] * 9, reference=[4e-3] + [4e-5] * 9), False),  # ... and catches a bad worst step
     (dict(export=[1e-6] * 10, reference=[1e-6] * 10, state=(2e-3, 1e-3)), False),  # state median over its cap
     (dict(export=[1e-6] * 10, reference=[1e-6] * 10, state=(5e-3, 1e-7)), False),  # the state gate bites alone
     (dict(export=[1e-6] * 10, reference=[1e-6] * 10, gap=1.0), False),  # a real top-1 disagreement
@@ -93,6 +93,18 @@ def test_gate(case, passes):
     assert bool(r) == passes, r.failures()
     assert r.largest_ratio() == pytest.approx(max(max(case["export"]) / max(case["reference"]),
                                                   sorted(case["export"])[5] / sorted(case["reference"])[5]))
+
+
+def test_free_running_medians_are_not_gated():
+    """Free-running steps carry earlier steps' errors: one unlucky early step can put a correct export's whole
+    free-running median 13x the reference's (v7 32x2560 fp32). Its medians are reported, not gated; the
+    teacher-forced ones are."""
+    drift = _mode(export=[3e-3] * 10, reference=[2e-4] * 10, state=(3e-3, 7e-4))  # 15x, over both caps
+    clean = _mode(export=[4e-6] * 10, reference=[3.6e-6] * 10)
+    assert Report("fp32", "test", 10, 1, GATES["fp32"], drift, clean)
+    failures = Report("fp32", "test", 10, 1, GATES["fp32"], clean, drift).failures()
+    assert failures and all(f.startswith("teacher-forced") for f in failures)
+    assert any("median" in f for f in failures)
 
 
 def test_unknown_precision_is_an_error(exported, tmp_path):

@@ -38,23 +38,27 @@ class Gate:
     top1: float = 0.99  # agreement with float64's top token; near-ties within the allowed distance count
 
     def rule(self) -> str:
-        return (f"export distance from float64 <= {self.typical:g}x the reference's (median step) and "
-                f"<= {self.worst:g}x (worst step), or <= {self.floor:g}; median step never > {self.cap:g}; state "
-                f"likewise (floor {self.state_floor:g}, cap {self.state_cap:g}); top-1 vs float64 >= {self.top1:.0%} "
-                "(near-ties within the allowed distance count as agreement)")
+        return (f"export distance from float64 <= {self.worst:g}x the reference's on the worst step, or "
+                f"<= {self.floor:g}; teacher-forced, <= {self.typical:g}x on the median step and never > "
+                f"{self.cap:g}; state likewise (floor {self.state_floor:g}, cap {self.state_cap:g}); top-1 vs "
+                f"float64 >= {self.top1:.0%} (near-ties within the allowed distance count as agreement)")
 
 
 # Measured at 12x768: equally correct fp32 implementations (ONNX Runtime, PyTorch at batch 1 or 2, the fused
 # kernel) sit 1e-6..4e-5 from float64. Their medians agree within 2.1x, but single ill-conditioned steps (a head
 # whose output variance is far below GroupNorm's eps, e.g. step 0 from the zero state) put their worst steps up to
-# 10.3x apart (v6 portable), hence 16x. A matrix with 1 % of its entries damaged lands >= 15,000x away in fp32 and,
+# 10.3x apart (v6 portable). A matrix with 1 % of its entries damaged lands >= 15,000x away in fp32 and,
 # in fp16, >= 8.9x on the median and >= 43x on the state. fp16 distances: 1e-3..3e-2.
 # The caps bound the median step only. The worst step is held by its ratio: at 24x2048 and 32x2560 the
 # ill-conditioned first step alone puts correct exports AND our reference past any fixed cap that still means
-# something (v7 fp16 32x2560: 0.68 export, 1.15 reference), while their medians stay far below it.
+# something (v7 fp16 32x2560: 0.68 export, 1.15 reference), while their medians stay far below it. At 32x2560
+# fp32 a correct export's worst step was 13.6x the reference's (over 64 first tokens at 3x2560 the ratio reaches
+# 5x, median 0.8x: which implementation rounds luckier on an ill-conditioned step is chance), hence 32x.
+# The median checks apply to teacher-forced steps (see Report.failures); a damaged matrix at 32x2560 fp16 is
+# caught there (3.9x the reference's median) while its free-running median is 1.0x.
 GATES = {
-    "fp32": Gate(typical=3, worst=16, floor=1e-5, cap=1e-3, state_floor=1e-5, state_cap=1e-3),
-    "fp16": Gate(typical=3, worst=16, floor=1e-3, cap=0.25, state_floor=2e-3, state_cap=0.1),
+    "fp32": Gate(typical=3, worst=32, floor=1e-5, cap=1e-3, state_floor=1e-5, state_cap=1e-3),
+    "fp16": Gate(typical=3, worst=32, floor=1e-3, cap=0.25, state_floor=2e-3, state_cap=0.1),
 }
 REFERENCE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -116,18 +120,21 @@ class ModeResult:
                 # kept under the names of the first certificate format: the export's worst distance
                 "normalised": max(self.export)}
 
-    def failures(self, name: str, gate: Gate) -> list[str]:
+    def failures(self, name: str, gate: Gate, typical: bool = True) -> list[str]:
+        """What fails the gate; typical=False leaves out the median-step checks (free-running, see Report)."""
         s, out = self.summary(gate), []
         checks = [("logits", "median", s["export_median"], s["reference_median"], gate.typical, gate.floor, gate.cap),
                   ("logits", "worst", s["export_worst"], s["reference_worst"], gate.worst, gate.floor, None),
                   ("state", "worst", s["state_export"], s["state_reference"], gate.worst, gate.state_floor, None)]
+        if not typical:
+            checks = checks[1:]
         for what, stat, ours, ref, factor, floor, cap in checks:
             if cap is not None and not ours <= cap:
                 out.append(f"{name}: {what} {stat} distance from float64 {ours:.3g} > cap {cap:g}")
             elif not ours <= max(factor * ref, floor):
                 out.append(f"{name}: {what} {stat} distance from float64 {ours:.3g} > {factor:g} x the reference's "
                            f"{ref:.3g} (and > floor {floor:g})")
-        if not s["state_export_median"] <= gate.state_cap:
+        if typical and not s["state_export_median"] <= gate.state_cap:
             out.append(f"{name}: state median distance from float64 {s['state_export_median']:.3g} > cap "
                        f"{gate.state_cap:g}")
         if s["top1_ties"] < gate.top1:
@@ -160,7 +167,11 @@ class Report:
         return {name: mode.summary(self.gate) for name, mode in self.modes()}
 
     def failures(self) -> list[str]:
-        return [f for name, mode in self.modes() for f in mode.failures(name, self.gate)]
+        """Teacher-forced steps are each one step's error: all checks. Free-running steps carry every earlier
+        step's error in the state, so one unlucky early step decides their median (v7 32x2560 fp32: median 13x
+        the reference's free-running, 1.06x teacher-forced, for the same correct export): worst step and top-1."""
+        return [f for name, mode in self.modes()
+                for f in mode.failures(name, self.gate, typical=mode is self.teacher_forced)]
 
     def __bool__(self) -> bool:
         return not self.failures()
