@@ -13,7 +13,7 @@ import pytest
 from conftest import VERSIONS, one_error_line, run_cli
 
 from rwkv_deploy.errors import RWKVDeployError
-from rwkv_deploy.runtime.manifest import read_manifest, write_bytes_atomic
+from rwkv_deploy.runtime.manifest import read_manifest
 from rwkv_deploy.trt import engine as E
 
 MAX_BATCH, MAX_SEQ, TARGET = 4, 16, "SM89"
@@ -58,6 +58,19 @@ def cli_with_link(link, *args):
                           text=True, env=env)
 
 
+def snapshot(folder) -> dict:
+    """Every file under the folder (hidden ones too) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def set_entry(folder, i=0, **keys):
+    """Change manifest.json engines[i] (0: the step engine) in place; keys given as None are dropped."""
+    m = json.loads((folder / "manifest.json").read_text())
+    for k, v in keys.items():
+        m["engines"][i].pop(k) if v is None else m["engines"][i].update({k: v})
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
 def check_records(folder, plugins=()):
     """Every graph has an engine whose record and manifest entry agree with the manifest's graphs and state table."""
     m = read_manifest(folder)  # schema and path confinement, engines included
@@ -80,6 +93,7 @@ def check_records(folder, plugins=()):
         for s in m.state:
             assert profile[s.input]["max"] == [MAX_BATCH, *s.shape[1:]] and profile[s.input]["min"][0] == 1
     assert (Path(folder) / E.DATA_LOADER).is_file()
+    assert not [p.name for p in Path(folder).rglob(".*")]  # no temporary file left by the build
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -115,9 +129,10 @@ def test_missing_plugin_is_an_error_not_an_abort(exported, loader_link, tmp_path
             "from rwkv_deploy.cli import main\n"
             f"sys.exit(main(['engine', {str(folder)!r}, '--target', 'SM89']))\n")
     env = {**os.environ, "LD_LIBRARY_PATH": str(loader_link)}
+    before = snapshot(folder)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     one_error_line(r, "cannot parse model.onnx", "WKV7", "plugins were not registered")
-    assert read_manifest(folder)["engines"] == []
+    assert snapshot(folder) == before  # no engine, record, data loader or temporary file left behind
 
 
 def test_an_operator_without_a_plugin_is_refused(exported, tmp_path):
@@ -190,11 +205,29 @@ def test_precision_rules(trt, exported):
 def test_bad_target_and_missing_graph_leave_the_folder_alone(trt, exported, tmp_path):
     folder = tmp_path / "out"
     shutil.copytree(exported("5.1"), folder)
-    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    before = snapshot(folder)
     one_error_line(run_cli("engine", folder, "--target", "SM90"), "unknown --target 'SM90'", "SM89")
     with pytest.raises(RWKVDeployError, match="has no decode graph"):
         E.build_engines(folder, targets=["SM89"], graphs=["decode"])
-    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert snapshot(folder) == before
+
+
+def test_profile_limits(exported, tmp_path):
+    """--max-batch and --max-seq are capped (the CLI takes any positive integer): refused before anything is
+    built or written, with the limit."""
+    folder = tmp_path / "out"
+    shutil.copytree(exported("6"), folder)
+    before = snapshot(folder)
+    one_error_line(run_cli("engine", folder, "--max-seq", 1 << 40, "--target", "SM89"),
+                   f"--max-seq {1 << 40} is more than", f"at most {E.SEQ_LIMIT}")
+    one_error_line(run_cli("engine", folder, "--max-batch", E.BATCH_LIMIT + 1, "--target", "SM89"),
+                   f"--max-batch {E.BATCH_LIMIT + 1}", f"at most {E.BATCH_LIMIT}")
+    assert snapshot(folder) == before
+    m = read_manifest(folder)
+    assert E.profile_shapes(m, "prefill", E.BATCH_LIMIT, E.SEQ_LIMIT)["tokens"]["max"] == [E.BATCH_LIMIT,
+                                                                                          E.SEQ_LIMIT]
+    with pytest.raises(RWKVDeployError, match="--max-seq"):
+        E.profile_shapes(m, "prefill", 1, E.SEQ_LIMIT + 1)
 
 
 def test_no_tensorrt_names_the_extra(tmp_path, exported, monkeypatch):
@@ -213,19 +246,21 @@ def test_no_tensorrt_names_the_extra(tmp_path, exported, monkeypatch):
     one_error_line(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True), "rwkv-deploy[trt]")
 
 
-def test_atomic_writes(tmp_path, monkeypatch):
-    path = tmp_path / "step.engine"
-    path.write_bytes(b"old engine")
-    write_bytes_atomic(path, memoryview(b"new engine"))
-    assert path.read_bytes() == b"new engine"
-
-    def crash(src, dst):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError):
-        write_bytes_atomic(path, b"half")
-    assert path.read_bytes() == b"new engine" and [p.name for p in tmp_path.iterdir()] == ["step.engine"]
+def test_a_failed_build_changes_nothing(built, tmp_path):
+    """All or nothing: the step engine builds, the prefill graph then fails (its logits dtype is not the
+    manifest's); every file of the folder is byte-identical afterwards, with no temporary left, and the engines
+    still match the manifest."""
+    folder = tmp_path / "out"
+    shutil.copytree(built("7"), folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    assert list(m["graphs"]) == ["step", "prefill"]  # so the failure comes after a graph has built
+    m["graphs"]["prefill"]["logits_dtype"] = "float16"
+    (folder / "manifest.json").write_text(json.dumps(m))
+    before = snapshot(folder)
+    one_error_line(run_cli("engine", folder, "--target", TARGET, "--max-batch", 3),
+                   "prefill.onnx does not match manifest.json: outputs differ")
+    assert snapshot(folder) == before
+    assert len(E.engine_records(folder)) == 2
 
 
 def test_rebuild_replaces_entries(trt, exported, tmp_path):
@@ -257,3 +292,44 @@ def test_engine_paths_stay_inside_the_folder(built, tmp_path):
     (folder / "step.engine").write_bytes(b"not the engine")
     with pytest.raises(RWKVDeployError, match="sha256 differs"):
         E.engine_records(folder)
+
+
+@pytest.mark.parametrize("record, words", [
+    ("{not json", ["step.engine.json is not an engine record", "rebuild"]),
+    ("{}", ["step.engine.json does not match its entry in manifest.json", "graph", "sha256"]),
+    ('["step"]', ["does not match its entry"]),
+    (None, ["engines[0] lacks sha256"]),  # the manifest entry without its sha256
+    ("targets", ["does not match its entry", "(targets differ)"]),  # a record that disagrees with the entry
+])
+def test_bad_engine_records_are_one_error_line(built, tmp_path, record, words):
+    """Through `run --backend trt`: the records and entries are checked before the session needs a GPU."""
+    folder = tmp_path / "out"
+    shutil.copytree(built("7"), folder)
+    rec = folder / "step.engine.json"
+    if record is None:
+        set_entry(folder, sha256=None)
+    elif record == "targets":
+        rec.write_text(json.dumps({**json.loads(rec.read_text()), "targets": ["SM120"]}))
+    else:
+        rec.write_text(record)
+    one_error_line(run_cli("run", folder, "--backend", "trt", "--prompt", "hi"), *words)
+
+
+def test_bad_engine_entries(built, tmp_path):
+    """What the session takes from a manifest entry is checked: keys present, a graph of the export listed once,
+    one profile covering that graph's inputs."""
+    folder = tmp_path / "out"
+    shutil.copytree(built("7"), folder)
+    original = (folder / "manifest.json").read_text()
+    profile = json.loads(original)["engines"][0]["profiles"][0]
+    for i, change, message in [
+            (0, {"plugins": None}, r"engines\[0\] lacks plugins"),
+            (0, {"graph": "decode"}, "graph 'decode', which the export does not have"),
+            (1, {"graph": "step"}, "graph 'step', which the export lists twice"),
+            (0, {"profiles": []}, r"engines\[0\]\.profiles is not one profile"),
+            (0, {"profiles": [{"tokens": profile["tokens"]}]}, "is not one profile"),
+            (0, {"profiles": [{**profile, "tokens": {"min": [1], "opt": [1], "max": ["4"]}}]}, "is not one profile")]:
+        (folder / "manifest.json").write_text(original)
+        set_entry(folder, i, **change)
+        with pytest.raises(RWKVDeployError, match=message):
+            E.engine_records(folder)

@@ -60,15 +60,22 @@ def test_engine_steps_match_onnxruntime(with_engines):
 def test_state_stays_on_the_device_and_buffers_alternate(with_engines):
     sess = open_session(with_engines, "trt")
     state = sess.init_state(1)
-    kept = state.to_numpy()
-    for t in range(4):
+    for t in range(3):
         _, state = sess.step(np.array([t]), state)
+    kept = state  # a State kept while the loop goes on: later steps must not write into its buffers
+    before = {k: v.copy() for k, v in kept.to_numpy().items()}
+    for t in range(4):
+        _, state = sess.step(np.array([t + 3]), state)
     first = sess.stream.pool.allocations
     for t in range(8):
-        _, state = sess.step(np.array([t]), state)
+        _, state = sess.step(np.array([t + 7]), state)
     assert sess.stream.pool.allocations == first  # ping-pong: freed buffers come back, no cudaMalloc per token
-    again = sess.init_state(1).to_numpy()
-    assert all(np.array_equal(kept[k], again[k]) for k in kept)
+    after, latest = kept.to_numpy(), state.to_numpy()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert not all(np.array_equal(before[k], latest[k]) for k in before)  # the steps did change the state
+    sess.close()
+    sess.close()  # a second close does nothing
+    del kept, state  # their buffers are freed directly now that the pool is closed
 
 
 @needs_gpu

@@ -61,6 +61,7 @@ class DevicePool:
         self.rt = runtime()
         self._free: dict[int, list[int]] = defaultdict(list)
         self.allocations = 0  # cudaMalloc calls, for tests of the ping-pong reuse
+        self.closed = False
 
     def alloc(self, nbytes: int) -> DeviceBuffer:
         nbytes = max(int(nbytes), 1)
@@ -71,12 +72,17 @@ class DevicePool:
         return DeviceBuffer(int(check(self.rt.cudaMalloc(nbytes))), nbytes, self)
 
     def _release(self, ptr: int, nbytes: int) -> None:
-        self._free[nbytes].append(ptr)
+        if self.closed:  # a State kept past close(): nothing will reuse its memory
+            check(self.rt.cudaFree(ptr))
+        else:
+            self._free[nbytes].append(ptr)
 
     def close(self) -> None:
+        """cudaFree every pooled buffer; buffers still held are freed when their last reference goes."""
+        self.closed = True
         for ptrs in self._free.values():
-            for p in ptrs:
-                self.rt.cudaFree(p)
+            while ptrs:
+                check(self.rt.cudaFree(ptrs.pop()))
         self._free.clear()
 
 
@@ -124,3 +130,9 @@ class Stream:
 
     def sync(self) -> None:
         check(self.rt.cudaStreamSynchronize(self.handle))
+
+    def close(self) -> None:
+        """Wait for the stream, free the pool and destroy the stream."""
+        self.sync()
+        self.pool.close()
+        check(self.rt.cudaStreamDestroy(self.handle))

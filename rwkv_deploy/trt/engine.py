@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
 from ..errors import RWKVDeployError, check_batch
 from ..runtime.manifest import MANIFEST, Manifest, check_schema, read_manifest, write_bytes_atomic, write_json_atomic
+from ..staging import sigterm_raises_exit
 from . import import_tensorrt
 from .plugin import NAMESPACE, OPS, VERSION, register_plugins
 
@@ -25,6 +28,11 @@ DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "i
           "INT8": "int8", "BOOL": "bool"}
 COMPUTE_DTYPES = ("float32", "float16")
 DATA_LOADER = "polygraphy_data_loader.py"
+# Far beyond any engine worth building, and small enough that the profile's shapes stay well inside TensorRT's
+# tensor dimensions (the CLI accepts any positive integer).
+BATCH_LIMIT, SEQ_LIMIT = 4096, 1 << 20
+# What the session takes from a manifest entry; `rwkv-deploy engine` writes every one.
+ENTRY_KEYS = ("file", "graph", "flavour", "version", "targets", "profiles", "plugins", "sha256")
 
 
 def engine_file(graph: str) -> str:
@@ -43,7 +51,7 @@ def profile_shapes(manifest: Manifest, graph: str, max_batch: int, max_seq: int)
     1..max_seq, every other dim is fixed. opt is the smallest shape, one token of one sequence (the decode loop's
     shape); TensorRT-RTX 1.7 checks shape constraints at build time at opt only, and one token is where a
     chunked loop runs zero times, the case that once failed (tests/test_trt_parse.py)."""
-    max_batch, max_seq = check_batch(max_batch), check_batch(max_seq)
+    max_batch, max_seq = check_limits(max_batch, max_seq)
     g = manifest.graph(graph)
     span = {"batch": (1, max_batch), "seq": (1, max_seq)}
     shapes = {g["tokens"]: g["tokens_shape"], **{s.input: s.shape for s in manifest.state}}
@@ -56,6 +64,17 @@ def profile_shapes(manifest: Manifest, graph: str, max_batch: int, max_seq: int)
         high = [span[d][1] if isinstance(d, str) else d for d in shape]
         out[name] = {"min": low, "opt": list(low), "max": high}
     return out
+
+
+def check_limits(max_batch: int, max_seq: int) -> tuple[int, int]:
+    """--max-batch and --max-seq as integers from 1 to BATCH_LIMIT and SEQ_LIMIT."""
+    out = []
+    for flag, value, limit in (("--max-batch", max_batch, BATCH_LIMIT), ("--max-seq", max_seq, SEQ_LIMIT)):
+        value = check_batch(value)
+        if value > limit:
+            raise RWKVDeployError(f"{flag} {value} is more than an engine profile takes here (at most {limit})")
+        out.append(value)
+    return out[0], out[1]
 
 
 def parse_targets(trt, flavour: str, targets: list[str] | None) -> list[str]:
@@ -143,9 +162,16 @@ def trt_logger(trt):
     return _loggers[trt]
 
 
+@sigterm_raises_exit  # so that a SIGTERM still removes the temporary files
 def build_engines(folder, max_batch: int = 8, max_seq: int = 512, targets: list[str] | None = None,
                   timing_cache=None, graphs: list[str] | None = None) -> list[dict]:
-    """Build an engine for each graph of the export folder (or those named); returns the manifest entries."""
+    """Build an engine for each graph of the export folder (or those named); returns the manifest entries.
+
+    All or nothing: every engine and record is written under a temporary name first, renamed into place only when
+    all graphs have built, and manifest.json is rewritten last; a failure removes the temporaries and leaves the
+    folder as it was.
+    """
+    max_batch, max_seq = check_limits(max_batch, max_seq)
     trt, flavour = import_tensorrt()
     m = read_manifest(folder)
     if m["format"] == "rwkv-deploy/1":  # format 1 has no `engines` key to list them in
@@ -167,21 +193,39 @@ def build_engines(folder, max_batch: int = 8, max_seq: int = 512, targets: list[
         log.warning("TensorRT-RTX has no timing cache (its timing-cache calls are no-ops since 1.2): %s is neither "
                     "read nor written", cache)
         cache = None
-    entries = []
-    for graph in names:
-        entry, record = _build_one(trt, flavour, m, graph, profile_shapes(m, graph, max_batch, max_seq), sm, cache)
-        entry.update(compute_dtype=dtype, plugins=plugins)
-        record.update(entry, max_batch=max_batch, max_seq=max_seq, rwkv_deploy_version=__version__,
-                      created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        write_json_atomic(m.path(f"engines[{graph}] record", record_file(entry["file"])), record)
-        entries.append(entry)
-    _write_data_loader(m)
-    _list_in_manifest(m, entries)
+    entries, staged = [], []  # staged: (temporary, final) paths
+    try:
+        for graph in names:
+            entry, record = _build_one(trt, flavour, m, graph, profile_shapes(m, graph, max_batch, max_seq), sm,
+                                       cache, staged)
+            entry.update(compute_dtype=dtype, plugins=plugins)
+            record.update(entry, max_batch=max_batch, max_seq=max_seq, rwkv_deploy_version=__version__,
+                          created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            _stage(m.path(f"engines[{graph}] record", record_file(entry["file"])), record, staged)
+            entries.append(entry)
+        # the Polygraphy data loader (data_loader.py), copied in so the folder compares runtimes by itself
+        _stage(m.path("data loader", DATA_LOADER), Path(__file__).with_name("data_loader.py").read_bytes(), staged)
+        _stage(Path(m.folder) / MANIFEST, _manifest_with(m, entries), staged)  # last: renamed last
+        for tmp, final in staged:  # every file complete on disk: only renames are left to fail
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:  # after the renames, none is left
+            tmp.unlink(missing_ok=True)
     return entries
 
 
-def _build_one(trt, flavour, m: Manifest, graph: str, profile: dict, targets: list[str], cache: Path | None):
-    """(manifest entry, record) of one graph's engine, written to the folder atomically."""
+def _stage(path: Path, data, staged: list) -> Path:
+    """`data` (bytes, a buffer, or a dict written as JSON) complete under a temporary name beside `path`, listed
+    in `staged` as (temporary, path) for the renames or the cleanup."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.new")
+    staged.append((tmp, path))
+    (write_json_atomic if isinstance(data, dict) else write_bytes_atomic)(tmp, data)
+    return tmp
+
+
+def _build_one(trt, flavour, m: Manifest, graph: str, profile: dict, targets: list[str], cache: Path | None,
+               staged: list):
+    """(manifest entry, record) of one graph's engine, the engine written under a temporary name (_stage)."""
     from ..custom_ops.build import file_sha256
 
     logger = trt_logger(trt)
@@ -218,15 +262,15 @@ def _build_one(trt, flavour, m: Manifest, graph: str, profile: dict, targets: li
     if cache is not None:
         write_bytes_atomic(cache, memoryview(timing.serialize()))
     file = engine_file(graph)
-    path = m.path(f"engines[{graph}].file", file)
-    write_bytes_atomic(path, memoryview(engine))
+    tmp = _stage(m.path(f"engines[{graph}].file", file), memoryview(engine), staged)
+    del engine  # on disk now: an engine can be large, and the next graph is built in the same process
     entry = {"file": file, "graph": graph, "flavour": flavour, "version": trt.__version__, "targets": targets,
-             "profiles": [profile], "sha256": file_sha256(path)}
+             "profiles": [profile], "sha256": file_sha256(tmp)}
     io = lambda ts: [{"name": t.name, "dtype": DTYPES.get(t.dtype.name, t.dtype.name), "shape": list(t.shape)}  # noqa: E731
                      for t in ts]
     record = {"source": {"file": onnx_path.name, "sha256": file_sha256(onnx_path)}, "inputs": io(inputs),
               "outputs": io(outputs), "timing_cache": str(cache) if cache else None}
-    log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    log.info("built %s (%.1f MB)", file, tmp.stat().st_size / 1e6)
     return entry, record
 
 
@@ -260,35 +304,61 @@ def _load_timing_cache(config, cache: Path):
     return timing
 
 
-def _write_data_loader(m: Manifest) -> None:
-    """The Polygraphy data loader (data_loader.py), copied in so the folder compares runtimes by itself."""
-    src = Path(__file__).with_name("data_loader.py")
-    write_bytes_atomic(m.path("data loader", DATA_LOADER), src.read_bytes())
-
-
-def _list_in_manifest(m: Manifest, entries: list[dict]) -> None:
-    """manifest.json `engines`: the new entries replace those of the same graphs; rewritten atomically."""
+def _manifest_with(m: Manifest, entries: list[dict]) -> dict:
+    """The manifest with `engines` updated: the new entries replace those of the same graphs; schema-checked."""
     built = {e["graph"] for e in entries}
     data = dict(m)
     data["engines"] = [e for e in m.get("engines", []) if e["graph"] not in built] + entries
-    where = Path(m.folder) / MANIFEST
-    check_schema(data, where)
-    write_json_atomic(where, data)
+    check_schema(data, Path(m.folder) / MANIFEST)
+    return data
 
 
 def engine_records(folder) -> list[dict]:
-    """The records of the engines an export folder lists, each checked against its engine's sha256."""
+    """The records of the engines an export folder lists, each engine checked against its manifest entry's sha256
+    and each record against the entry. What a session relies on (graph, flavour, version, targets, profiles,
+    plugins) comes from the entry, which read_manifest has schema-checked."""
     from ..custom_ops.build import file_sha256
 
     m = read_manifest(folder)
-    out = []
+    out, seen = [], set()
     for i, e in enumerate(m.get("engines", [])):
+        rebuild = f"; rebuild with `rwkv-deploy engine {folder}`"
+        missing = [k for k in ENTRY_KEYS if k not in e]
+        if missing:
+            raise RWKVDeployError(f"{folder}: manifest.json engines[{i}] lacks {', '.join(missing)}{rebuild}")
+        if e["graph"] not in m["graphs"] or e["graph"] in seen:
+            raise RWKVDeployError(f"{folder}: manifest.json engines[{i}] is for graph {e['graph']!r}, which the "
+                                  f"export {'lists twice' if e['graph'] in seen else 'does not have'}{rebuild}")
+        seen.add(e["graph"])
+        _check_profiles(m, i, e)
         path = m.path(f"engines[{i}].file", e["file"])
         rec = m.path(f"engines[{i}] record", record_file(e["file"]))
         if not path.is_file() or not rec.is_file():
-            raise RWKVDeployError(f"{folder}: engine {e['file']} or its record is missing; run `rwkv-deploy engine`")
-        if e.get("sha256") and file_sha256(path) != e["sha256"]:
-            raise RWKVDeployError(f"{path} is not the engine manifest.json lists (sha256 differs); rebuild it")
-        out.append(json.loads(rec.read_text(encoding="utf-8")))
+            raise RWKVDeployError(f"{folder}: engine {e['file']} or its record is missing{rebuild}")
+        if file_sha256(path) != e["sha256"]:
+            raise RWKVDeployError(f"{path} is not the engine manifest.json lists (sha256 differs){rebuild}")
+        try:
+            record = json.loads(rec.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+            raise RWKVDeployError(f"{rec} is not an engine record ({err}){rebuild}") from None
+        differ = [k for k in e if record.get(k) != e[k]] if isinstance(record, dict) else ["all"]
+        if differ:
+            raise RWKVDeployError(f"{rec} does not match its entry in manifest.json ({', '.join(differ)} "
+                                  f"differ){rebuild}")
+        out.append({**record, **e})
     return out
 
+
+def _check_profiles(m: Manifest, i: int, e: dict) -> None:
+    """An entry's one profile gives min/opt/max, of the right rank, for every input of its graph (the schema says
+    only that `profiles` is a list)."""
+    want = profile_shapes(m, e["graph"], 1, 1)
+    p = e["profiles"][0] if len(e["profiles"]) == 1 else None
+    ok = isinstance(p, dict) and set(p) == set(want) and all(
+        isinstance(p[name], dict) and all(
+            isinstance(p[name].get(k), list) and len(p[name][k]) == len(w["min"])
+            and all(type(d) is int and d >= 1 for d in p[name][k]) for k in ("min", "opt", "max"))
+        for name, w in want.items())
+    if not ok:
+        raise RWKVDeployError(f"{m.folder}: manifest.json engines[{i}].profiles is not one profile of the "
+                              f"{e['graph']} graph's inputs; rebuild with `rwkv-deploy engine {m.folder}`")

@@ -27,7 +27,8 @@ class TrtSession(Session):
     def __init__(self, folder: str | Path, *, trust_plugin_library: bool = False):
         self.folder = Path(folder)
         self.manifest = read_manifest(folder)
-        records = {r["graph"]: r for r in engine_records(folder)}  # each checked against its sha256
+        # checked against the manifest (sha256 included) before anything needs TensorRT or a GPU
+        records = {r["graph"]: r for r in engine_records(folder)}
         if "step" not in records:
             raise RWKVDeployError(f"{folder} has no TensorRT engine for its step graph; build one with "
                                   f"`rwkv-deploy engine {folder}`")
@@ -61,6 +62,22 @@ class TrtSession(Session):
                                       f"{', '.join(r['targets'])}); rebuild it with --target for this GPU")
             self._engines[graph], self._contexts[graph] = engine, engine.create_execution_context()
         self.backend = f"{flavour} {trt.__version__} (state on cuda)"
+
+    def close(self) -> None:
+        """Give back this session's device memory and stream (the engines and contexts with them); the session
+        cannot run after this. Called on garbage collection too; closing twice does nothing."""
+        stream = self.__dict__.pop("stream", None)
+        if stream is None:
+            return
+        stream.sync()  # nothing may still be reading or writing the buffers freed below
+        self._engines, self._contexts = {}, {}  # TensorRT frees the contexts' own device memory with them
+        stream.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit CUDA may already be gone; nothing to report to
+            pass
 
     @property
     def has_prefill(self) -> bool:
