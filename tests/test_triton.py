@@ -2,6 +2,9 @@
 version, the token guard of the served graph run with ONNX Runtime, the Python-backend sequence table, and the
 command's bad-input contract."""
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ from conftest import VERSIONS, one_error_line, run_cli
 
 from rwkv_deploy import open_session
 from rwkv_deploy.errors import RWKVDeployError
+from rwkv_deploy.runtime.manifest import read_manifest
 from rwkv_deploy.triton import write_repository
 from rwkv_deploy.triton.config import READY
 from rwkv_deploy.triton.repository import MARKER
@@ -59,6 +63,8 @@ def test_config_names_exactly_the_manifest(exported, tmp_path, version, precisio
     if backend == "tensorrt":  # the plan is built on the target GPU from the guarded graph, with this profile
         script = (repo / "rwkv" / "build_plan.sh").read_text()
         assert "--saveEngine=1/model.plan" in script and f"{step['tokens']}:4," in script
+        # strongly typed whatever the precision: an fp16 export's fp32 islands (the WKV state) stay fp32
+        assert "--stronglyTyped" in script and "--fp16" not in script
     assert not list((repo / "rwkv" / "1").glob("*.plan"))
 
 
@@ -97,6 +103,28 @@ def test_python_backend_config(exported, tmp_path):
     a, _ = open_session(export, providers="cpu").forward(tokens, open_session(export, providers="cpu").init_state(1))
     b, _ = open_session(folder, providers="cpu").forward(tokens, open_session(folder, providers="cpu").init_state(1))
     np.testing.assert_array_equal(a, b)
+
+
+def test_python_backend_leaves_engines_behind(exported, tmp_path):
+    """TensorRT engines (gigabytes; OnnxSession never uses them), their records and data loader are not copied,
+    and the copied manifest lists no engines, so the copy is consistent and schema-valid."""
+    folder = tmp_path / "export"
+    shutil.copytree(exported("7"), folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engines"] = [{"file": "step.engine", "graph": "step", "flavour": "tensorrt-rtx", "sha256": "0" * 64}]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("step.engine", "step.engine.json", "polygraphy_data_loader.py"):
+        (folder / name).write_text("not copied")
+    read_manifest(folder)  # the fake entry is one the schema accepts
+    repo = write_repository(folder, tmp_path / "repo", backend="python")
+    export = repo / "rwkv" / "1" / "export"
+    assert sorted(p.name for p in export.iterdir()) == sorted(
+        p.name for p in folder.iterdir() if p.name not in ("verify.json", "step.engine", "step.engine.json",
+                                                           "polygraphy_data_loader.py"))
+    copied = read_manifest(export)
+    assert copied["engines"] == [] and {k: v for k, v in copied.items() if k != "engines"} == \
+           {k: v for k, v in manifest.items() if k != "engines"}
+    open_session(export, providers="cpu")
 
 
 def _run(path, feeds):
@@ -213,6 +241,53 @@ def test_sequence_table_errors_are_per_request(exported):
     assert "not open" in str(table.run([Request(1, False, False, np.array([1]))])[0]) and len(table) == 0
 
 
+def test_sequence_table_same_sequence_twice_in_one_batch(exported):
+    """[start A, continue A] in one batch: the second request runs on the state the first one left."""
+    sess = open_session(exported("7"), providers="cpu")
+    table = SequenceTable(sess, idle_seconds=60)
+    first, second = table.run([Request(5, True, False, np.array([1, 2])), Request(5, False, True, np.array([3]))])
+    ref, state = sess.forward(np.array([[1, 2]]), sess.init_state(1))
+    np.testing.assert_allclose(first, ref[0], rtol=1e-5, atol=1e-5)
+    ref, _ = sess.forward(np.array([[3]]), state)
+    np.testing.assert_allclose(second, ref[0], rtol=1e-5, atol=1e-5)
+    assert len(table) == 0
+
+
+def test_sequence_table_failed_end_or_start_closes_the_sequence(exported):
+    """A request that ends (or restarts) its sequence and fails still closes it, at once: no state waits for the
+    idle timeout, and nothing continues from a state the client meant to discard."""
+    sess = open_session(exported("4"), providers="cpu")
+    table = SequenceTable(sess, idle_seconds=60)
+    bad = np.array([sess.vocab_size])
+    assert table.run([Request(1, True, False, np.array([1])), Request(2, True, False, np.array([1]))])[1].shape == \
+           (sess.vocab_size,)
+    results = table.run([Request(1, False, True, bad), Request(2, True, False, bad)])
+    assert all("out of range" in str(r) for r in results)
+    assert len(table) == 0
+    assert "not open" in str(table.run([Request(2, False, False, np.array([1]))])[0])
+
+
+def test_local_triton_start_failure_leaves_nothing(tmp_path):
+    """A broken Triton venv is one RWKVDeployError, and the server's work folder is removed."""
+    from rwkv_deploy.triton.local import LocalTriton
+
+    def leftovers():
+        return set(Path(tempfile.gettempdir()).glob("rwkv-triton-*"))
+
+    before = leftovers()
+    for name, python in [("fails", "exit 1"), ("no-stub", "echo 3.99")]:  # a broken Python; one pytriton lacks
+        venv = tmp_path / name
+        server = venv / "lib" / "python3.99" / "site-packages" / "pytriton" / "tritonserver" / "bin" / "tritonserver"
+        server.parent.mkdir(parents=True)
+        server.write_text("")
+        (venv / "bin").mkdir()
+        (venv / "bin" / "python").write_text(f"#!/bin/sh\n{python}\n")
+        (venv / "bin" / "python").chmod(0o755)
+        with pytest.raises(RWKVDeployError, match="exit 1" if name == "fails" else "no Python backend stub"):
+            LocalTriton(tmp_path, venv).start()
+        assert leftovers() == before
+
+
 def test_cli_writes_and_refuses(exported, tmp_path):
     folder = exported("7")
     out = tmp_path / "repo"
@@ -231,6 +306,13 @@ def test_cli_writes_and_refuses(exported, tmp_path):
     one_error_line(run_cli("triton", tmp_path / "missing", "-o", tmp_path / "r2"), "missing")
     one_error_line(run_cli("triton", folder, "-o", folder / "repo"), "overlaps")
     one_error_line(run_cli("triton", folder, "-o", tmp_path / "r3", "--name", "../x"), "model name")
+    one_error_line(run_cli("triton", folder, "-o", tmp_path / "r6", "--name", "rwkv\n"), "model name")
     one_error_line(run_cli("triton", folder, "-o", tmp_path / "r4", "--max-batch", "0"), "max-batch")
     one_error_line(run_cli("triton", folder, "-o", tmp_path / "r5", "--backend", "tf"), "backend")
-    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists() and not (tmp_path / "r6").exists()
+    broken = tmp_path / "broken"  # a damaged download: model.onnx cut short
+    shutil.copytree(folder, broken)
+    graph = (broken / "model.onnx").read_bytes()
+    (broken / "model.onnx").write_bytes(graph[:len(graph) // 2])
+    one_error_line(run_cli("triton", broken, "-o", tmp_path / "r7"), "model.onnx", "re-export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "other", "repo"]  # nothing written

@@ -73,7 +73,10 @@ def test_interleaved_sequences_match_the_session(exported, tmp_path, version):
         for t in threads:
             t.join(timeout=120)
         assert not errors, f"{errors[0]!r}\n{server.log_tail()}"
-        again = SequenceClient(server.grpc_url).feed(1, chats[1][0], start=True, end=True)  # an id used before
+        c = SequenceClient(server.grpc_url)
+        c.feed(1, chats[2][0], start=True)  # id 1 again (its sequence ended), and left OPEN with a changed state
+        again = c.feed(1, chats[1][0], start=True, end=True)  # START on the open sequence: from the initial state
+        c.close()
     # stopped by its pid, and its Python-backend stubs (same process group) with it
     assert server.proc.returncode is not None
     with pytest.raises(ProcessLookupError):
@@ -85,7 +88,7 @@ def test_interleaved_sequences_match_the_session(exported, tmp_path, version):
             ref, state = sess.forward(tokens[None], state)
             np.testing.assert_allclose(got[seq][k], ref[0], rtol=1e-5, atol=1e-5,
                                        err_msg=f"sequence {seq}, chunk {k}")
-    np.testing.assert_allclose(again, got[1][0], rtol=1e-5, atol=1e-5)  # a reused id starts from the initial state
+    np.testing.assert_allclose(again, got[1][0], rtol=1e-5, atol=1e-5)  # = a fresh sequence's, not a continuation
 
 
 def test_client_example_runs_a_conversation(world_model, tmp_path):

@@ -22,9 +22,15 @@ def guard_tokens(src: Path, dst: Path, tokens: str, vocab_size: int, ready: bool
     """Write `src` (an ONNX graph; external weights stay referenced by their relative path) to `dst` with the
     token guard above; with `ready`, also a READY input [batch, 1] int32 (Triton's CONTROL_SEQUENCE_READY)."""
     import onnx
+    from google.protobuf.message import DecodeError  # onnx's own dependency
     from onnx import TensorProto, helper
 
-    model = onnx.load(str(src), load_external_data=False)  # the weights file is copied, never loaded here
+    try:
+        model = onnx.load(str(src), load_external_data=False)  # the weights file is copied, never loaded here
+    except DecodeError as e:  # truncated or not ONNX at all: the export is damaged, not this command
+        raise RWKVDeployError(f"{src} is not a readable ONNX graph ({e}); re-export the model")
+    except OSError as e:
+        raise RWKVDeployError(f"cannot read {src} ({e.strerror or e}); re-export the model")
     g = model.graph
     token_input = next((i for i in g.input if i.name == tokens), None)
     if token_input is None:

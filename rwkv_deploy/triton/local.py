@@ -73,8 +73,15 @@ class LocalTriton:
         return python.parent
 
     def _python(self, code: str) -> str:
-        return subprocess.run([str(self.venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        python = self.venv / "bin" / "python"
+        try:
+            r = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+        except OSError as e:
+            raise RWKVDeployError(f"cannot run {python} ({e.strerror or e}); recreate the venv (scripts/test.sh)")
+        if r.returncode != 0:
+            raise RWKVDeployError(f"{python} failed (exit {r.returncode}): {r.stderr.strip()[-500:] or 'no output'}; "
+                                  "recreate the venv (scripts/test.sh)")
+        return r.stdout.strip()
 
     def _env(self) -> dict:
         env = dict(os.environ)
@@ -89,6 +96,14 @@ class LocalTriton:
         return env
 
     def start(self) -> "LocalTriton":
+        try:  # any failure, from the first step on, removes the work folder (and the server, once started)
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="rwkv-triton-"))
         self.http_port, self.grpc_port = free_port(), free_port()
         self.http_url, self.grpc_url = f"127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
@@ -101,16 +116,15 @@ class LocalTriton:
                f"--log-verbose={self.log_verbose}", "--exit-on-error=true", "--strict-readiness=true"]
         if shutil.which("setpriv"):  # Linux: the server gets SIGTERM if this process dies without stopping it
             cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
+        env = self._env()
         with open(self.log_path, "wb") as log:
             # its own process group: the Python backend's stub processes go with the server when it is stopped
-            self.proc = subprocess.Popen(cmd, env=self._env(), stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, cwd=self.workdir)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+            try:
+                self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True, cwd=self.workdir)
+            except OSError as e:
+                raise RWKVDeployError(f"cannot start {cmd[0]} ({e.strerror or e}); recreate the venv (scripts/test.sh)")
+        self._wait_ready()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.timeout

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import RWKVDeployError, check_batch
-from ..runtime.manifest import MANIFEST, Manifest, read_manifest, write_json_atomic
+from ..runtime.manifest import MANIFEST, Manifest, check_schema, read_manifest, write_json_atomic
 from ..staging import destination, protected, sigterm_raises_exit, staged
 from .config import (BACKENDS, IDLE_SECONDS, INITIAL_STATE_DIR, STRATEGIES, config_text, initial_state_file,
                      state_needs_file)
@@ -25,7 +25,7 @@ from .config import (BACKENDS, IDLE_SECONDS, INITIAL_STATE_DIR, STRATEGIES, conf
 log = logging.getLogger(__name__)
 
 MARKER = "rwkv_deploy_triton.json"
-NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")  # a model name is a folder name and a URL path part
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # a model name is a folder name and a URL path part
 MAX_BATCH = 1024
 
 
@@ -42,7 +42,7 @@ def write_repository(export, out, *, backend: str = "onnxruntime", max_batch: in
     max_batch = check_batch(max_batch)
     if max_batch > MAX_BATCH:
         raise RWKVDeployError(f"--max-batch {max_batch} is more than {MAX_BATCH}; Triton batches are GPU batches")
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):  # fullmatch: `$` would accept a trailing newline
         raise RWKVDeployError(f"model name {name!r} must be letters, digits, '_', '.' or '-' (at most 100)")
     m = read_manifest(export)
     if backend != "python" and m.custom_op_library("CPUExecutionProvider") is not None:
@@ -106,7 +106,10 @@ def _onnxruntime(m: Manifest, model: Path, max_batch: int, strategy: str) -> Non
 
 def _tensorrt(m: Manifest, model: Path, max_batch: int, strategy: str) -> None:
     """A plan is specific to a GPU and a TensorRT version, so it is built where it runs (inside the Triton
-    container, by trtexec) from the guarded graph; build_plan.sh holds the command with the batch profile."""
+    container, by trtexec) from the guarded graph; build_plan.sh holds the command with the batch profile.
+    --stronglyTyped (TensorRT 10): every tensor keeps the export's dtype, so an fp16 export's fp32 islands (the
+    WKV state) stay fp32; --fp16 would let TensorRT run them in fp16 (docs/tensorrt.md: precision follows the
+    export)."""
     _copy_graph(m, model / "onnx", ready=strategy == "direct")
     _write_config(model, config_text(m, model.name, "tensorrt", max_batch, strategy))
 
@@ -124,8 +127,7 @@ def _tensorrt(m: Manifest, model: Path, max_batch: int, strategy: str) -> None:
         f"sh /models/{model.name}/build_plan.sh\n"
         "set -e\ncd \"$(dirname \"$0\")\"\n"
         f"trtexec --onnx=onnx/model.onnx --saveEngine=1/model.plan --minShapes='{shapes(1)}' "
-        f"--optShapes='{shapes(max_batch)}' --maxShapes='{shapes(max_batch)}'"
-        f"{' --fp16' if m.get('compute_dtype', 'float32') == 'float16' else ''}\n")
+        f"--optShapes='{shapes(max_batch)}' --maxShapes='{shapes(max_batch)}' --stronglyTyped\n")
     script.chmod(0o755)
 
 
@@ -133,8 +135,13 @@ def _python(m: Manifest, model: Path, max_batch: int, strategy: str) -> None:
     shutil.copyfile(Path(__file__).with_name("python_model.py"), model / "1" / "model.py")
     export = model / "1" / "export"
     export.mkdir()
-    shutil.copyfile(m.folder / MANIFEST, export / MANIFEST)
-    for key, rel in m.named_paths():  # the files the manifest names, and nothing else (no verify.json, no strays)
+    # The export as OnnxSession reads it: no TensorRT engines (gigabytes, never used here), so the copy's manifest
+    # lists none, and their records and data loader, which the manifest does not name, stay behind too.
+    served = Manifest(m, engines=[]) if "engines" in m else Manifest(m)
+    served.folder = m.folder
+    check_schema(served, export / MANIFEST)
+    write_json_atomic(export / MANIFEST, served)
+    for key, rel in served.named_paths():  # the files the manifest names, and nothing else (no verify.json, no strays)
         (export / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(m.path(key, rel), export / rel)
     params = {"export": "export", "idle_seconds": str(IDLE_SECONDS), "threads": "", "trust_custom_ops": "false"}

@@ -43,26 +43,39 @@ class SequenceTable:
         for corrid in [c for c, (_, used) in self.states.items() if now - used > self.idle_seconds]:
             del self.states[corrid]
         results: list = [None] * len(requests)
-        for group in self._groups(requests, results):
-            self._run_group(requests, group, results, now)
+        for round_ in self._rounds(requests):
+            # checked when its round runs: a sequence's second request sees the state its first one left
+            by_len: dict[int, list[int]] = {}
+            for i in round_:
+                error = self._check(requests[i])
+                if error:
+                    self._fail(requests[i], RWKVDeployError(error), results, i)
+                else:
+                    by_len.setdefault(len(requests[i].tokens), []).append(i)
+            for group in by_len.values():
+                self._run_group(requests, group, results, now)
         return results
 
-    def _groups(self, requests: list[Request], results: list) -> list[list[int]]:
-        """Indices of valid requests grouped by token count, in rounds so that a sequence appearing twice runs
-        its requests in order (Triton never batches two requests of one sequence, but nothing breaks if it does)."""
-        rounds: list[dict[int, list[int]]] = [{}]
+    @staticmethod
+    def _rounds(requests: list[Request]) -> list[list[int]]:
+        """Request indices in rounds, each sequence at most once per round: a sequence appearing twice in a batch
+        runs its requests in order (Triton does not batch two requests of one sequence; if it did, this holds)."""
+        rounds: list[list[int]] = [[]]
         seen: set[int] = set()
         for i, r in enumerate(requests):
-            error = self._check(r)
-            if error:
-                results[i] = RWKVDeployError(error)
-                continue
             if r.corrid in seen:
-                rounds.append({})
+                rounds.append([])
                 seen = set()
             seen.add(r.corrid)
-            rounds[-1].setdefault(len(r.tokens), []).append(i)
-        return [group for by_len in rounds for group in by_len.values()]
+            rounds[-1].append(i)
+        return rounds
+
+    def _fail(self, r: Request, error: RWKVDeployError, results: list, i: int) -> None:
+        """A failed request still starts or ends its sequence: a stale state must neither run on after a failed
+        start nor wait for the idle timeout after a failed end."""
+        results[i] = error
+        if r.start or r.end:
+            self.states.pop(r.corrid, None)
 
     def _check(self, r: Request) -> str | None:
         if not r.corrid:
@@ -89,7 +102,7 @@ class SequenceTable:
                 logits, state = self.session.forward(tokens, state)  # the prefill graph when the export has one
         except RWKVDeployError as e:
             for i in group:
-                results[i] = e
+                self._fail(requests[i], e, results, i)
             return
         new = state.to_numpy()
         for k, i in enumerate(group):
