@@ -209,17 +209,9 @@ class OnnxSession(Session):
         return binding.get_outputs()[0].numpy(), new  # outputs come in binding order: logits first
 
     def _load_tokenizer(self):
+        from .tokenizer import manifest_tokenizer
+
         return manifest_tokenizer(self.manifest)
-
-
-def manifest_tokenizer(manifest: Manifest):
-    """The tokenizer that an export folder ships, as its manifest names it."""
-    from .tokenizer import load_tokenizer
-
-    entry = manifest.get("tokenizer")
-    if not entry:
-        raise RWKVDeployError(f"{manifest.folder} has no tokenizer; re-export with --tokenizer FILE")
-    return load_tokenizer(manifest.path("tokenizer.file", entry["file"]), entry["kind"])
 
 
 def _same_shape(graph_shape, manifest_shape: list) -> bool:

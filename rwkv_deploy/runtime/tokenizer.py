@@ -263,3 +263,11 @@ def world_vocab_path() -> Path | None:
         return None
     p = Path(list(spec.submodule_search_locations)[0]) / WORLD_VOCAB
     return p if p.exists() else None
+
+
+def manifest_tokenizer(manifest):
+    """The tokenizer that an export folder ships, as its manifest (runtime.manifest.Manifest) names it."""
+    entry = manifest.get("tokenizer")
+    if not entry:
+        raise RWKVDeployError(f"{manifest.folder} has no tokenizer; re-export with --tokenizer FILE")
+    return load_tokenizer(manifest.path("tokenizer.file", entry["file"]), entry["kind"])

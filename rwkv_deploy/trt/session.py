@@ -123,6 +123,6 @@ class TrtSession(Session):
         return self.stream.download(logits), new  # download waits for the stream: toks stays alive until then
 
     def _load_tokenizer(self):
-        from ..runtime.session import manifest_tokenizer
+        from ..runtime.tokenizer import manifest_tokenizer
 
         return manifest_tokenizer(self.manifest)
