@@ -41,6 +41,32 @@ def test_damaged_matrix_fails_and_original_passes(damaged, tmp_path, version, pr
     assert not broken, broken.table()
     assert any("distance from float64" in f for f in broken.failures())
     assert broken.notes and "not the file this folder was exported from" in broken.notes[0]
+    # the weights, byte for byte: every initializer of the good export is the checkpoint's; in the bad one, the
+    # damaged matrix (as its MatMul takes it, transposed) and nothing else
+    assert ok.weights["checked"] > 10 and not any(ok.weights[k] for k in ("differ", "missing", "unexpected"))
+    assert [n.split("~")[0] for n in broken.weights["differ"]] == ["model.blocks.1.att.value.weight"]
+    assert broken.failures()[0].startswith("weights: 1 differ")
+
+
+def test_a_damaged_weights_file_fails_on_its_weights(exported, tmp_path):
+    """Bytes changed in weights.onnx.data after export (a bad copy): the weights check names the tensor, whatever
+    the logits do."""
+    import shutil
+
+    import onnx
+
+    out = shutil.copytree(exported("6", "fp16"), tmp_path / "o")
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    t = next(t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    offset = int({e.key: e.value for e in t.external_data}["offset"])
+    with open(out / "weights.onnx.data", "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))  # the lowest bit of one fp16 value
+    r = verify(out, steps=4, write=False)
+    assert not r and r.weights["differ"] == [t.name], r.failures()
+    assert "weights" in r.table()
 
 
 def test_report_records_both_distances_and_the_rule(exported):

@@ -76,9 +76,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         library = build_library(ort_include=ort_include)
     # The graphs are traced from a skeleton (shapes, no values); the real weights are then prepared one layer at a
     # time from the checkpoint and streamed to the folder: peak memory is about one copy of the export's weights.
-    shape_only = RWKV(replace(ckpt, weights={k: torch.empty(t.shape, dtype=t.dtype, device="meta")
-                                             for k, t in ckpt.weights.items()}), dtype, wkv=wkv)
-    model = skeleton(shape_only.eval())
+    model = _skeleton(ckpt, dtype, wkv)
     weight_names = {f"model.{n}" for n, _ in model.named_buffers()}
     weight_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     # one graph: weights inside it unless large; several graphs: always one shared file (each weight stored once)
@@ -104,7 +102,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
             graphs["prefill"]["positions"] = prefill
             if prefill == "all":
                 graphs["prefill"]["logits_shape"] = ["batch", "seq", d.vocab_size]
-        del model, shape_only
+        del model
         log.info("[2/4] %s traced in %.1fs", " and ".join(files.values()), time.time() - t1)
         t1 = time.time()
         model = RWKV(ckpt, dtype, wkv=wkv, lazy=True).eval()  # real weights, one layer at a time
@@ -160,6 +158,32 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         write_json_atomic(tmp / MANIFEST, manifest)
     log.info("[4/4] exported to %s in %.1fs (%s)", out, time.time() - t0, _size(out))
     return out
+
+
+def _skeleton(ckpt, dtype, wkv: str) -> RWKV:
+    """The model with every weight a placeholder of its shape and dtype: what the graphs are traced from."""
+    return skeleton(RWKV(replace(ckpt, weights={k: torch.empty(t.shape, dtype=t.dtype, device="meta")
+                                               for k, t in ckpt.weights.items()}), dtype, wkv=wkv).eval())
+
+
+def weight_digests(ckpt, precision: str, wkv: str = "portable", opset: int = 18) -> dict[str, str]:
+    """{initializer: sha256 of its bytes} of the step graph that exporting `ckpt` would write, computed the way
+    export writes them (same preparation, folds and dtype) without writing anything. verify holds an export's
+    weights to these: a damaged or substituted weight shows at any model size, where at 2.9B and fp16 its effect
+    on the logits can sit within a few times the precision's own noise."""
+    import tempfile
+
+    dtype = PRECISIONS[precision]
+    model = _skeleton(ckpt, dtype, wkv)
+    writer = WeightWriter(None, external=True)
+    with tempfile.TemporaryDirectory(prefix="rwkv-deploy-trace-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        writer.bind(trace_graph(StepGraph(model), model, torch.zeros(2, dtype=torch.long), path, opset),
+                    {f"model.{n}" for n, _ in model.named_buffers()}, path)
+    del model
+    real = RWKV(ckpt, dtype, wkv=wkv, lazy=True).eval()
+    writer.write((f"model.{n}", t) for n, t in real.prepared_weights())
+    return writer.digests
 
 
 def _phase(progress, done: int, what: str) -> None:

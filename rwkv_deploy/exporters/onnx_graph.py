@@ -155,8 +155,11 @@ class WeightWriter:
     ALIGN = 4096  # page-aligned offsets let a runtime map each tensor instead of copying it
     MIN_BYTES = 1024  # smaller tensors stay inside each graph (a page of padding apiece would outweigh them)
 
-    def __init__(self, path: Path, external: bool):
+    def __init__(self, path: Path | None, external: bool):
+        """path: the external-data file to write; None computes digests instead of writing anything (`digests`:
+        initializer name -> sha256 of the bytes it would have), which is how verify checks an export's weights."""
         self.path, self.external = path, external
+        self.digests: dict[str, str] | None = {} if path is None else None
         self.graphs = []  # (ModelProto without weights, initializer names it uses, file to write)
         self.uses: dict[str, list[tuple[str, object]]] = {}  # weight -> [(initializer name, fold model or None)]
         self.bytes_written = 0
@@ -216,9 +219,9 @@ class WeightWriter:
 
         done, total, written = 0, len(self.uses), set()
         with ExitStack() as stack:
-            data = stack.enter_context(open(self.path, "wb")) if self.external else None
+            data = stack.enter_context(open(self.path, "wb")) if self.external and self.path else None
             files = []
-            for proto, names, path in self.graphs:
+            for proto, names, path in self.graphs if self.digests is None else []:
                 f = stack.enter_context(open(path, "wb"))
                 f.write(proto.SerializeToString())
                 files.append((f, names))
@@ -230,8 +233,13 @@ class WeightWriter:
                     elif fold is not None:
                         arr = ReferenceEvaluator(fold).run(None, {fold.graph.input[0].name: arr})[0]
                     arr = np.ascontiguousarray(arr)
-                    tp = onnx.TensorProto(name=name, dims=arr.shape, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
                     raw = memoryview(arr).cast("B")
+                    if self.digests is not None:
+                        self.digests[name] = hashlib.sha256(raw).hexdigest()
+                        written.add(name)
+                        del arr, raw
+                        continue
+                    tp = onnx.TensorProto(name=name, dims=arr.shape, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
                     if data is not None and arr.nbytes >= self.MIN_BYTES:
                         data.write(b"\0" * (-data.tell() % self.ALIGN))
                         tp.data_location = onnx.TensorProto.EXTERNAL
@@ -250,7 +258,7 @@ class WeightWriter:
                 done += 1
                 if progress:
                     progress(done, total)
-                elif done % max(1, total // 10) == 0:  # logs (no terminal): every tenth of the way
+                elif self.digests is None and done % max(1, total // 10) == 0:  # logs: every tenth of the way
                     log.info("wrote %d/%d weights (%.2f GB)", done, total, self.bytes_written / 1e9)
         missing = [n for _, names, _ in self.graphs for n in names if n not in written]
         if missing:  # a weight the graph uses that the model did not stream: a bug, not bad input

@@ -158,6 +158,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     method: str = ""  # how the references were computed, in words
     peak_rss: int = 0  # bytes: the process's peak resident memory when the report was made
+    weights: dict = field(default_factory=dict)  # the step graph's initializers vs the checkpoint (check_weights)
 
     def modes(self):
         return (("free-running", self.free_running), ("teacher-forced", self.teacher_forced))
@@ -170,8 +171,14 @@ class Report:
         """Teacher-forced steps are each one step's error: all checks. Free-running steps carry every earlier
         step's error in the state, so one unlucky early step decides their median (v7 32x2560 fp32: median 13x
         the reference's free-running, 1.06x teacher-forced, for the same correct export): worst step and top-1."""
-        return [f for name, mode in self.modes()
-                for f in mode.failures(name, self.gate, typical=mode is self.teacher_forced)]
+        out = [f for name, mode in self.modes()
+               for f in mode.failures(name, self.gate, typical=mode is self.teacher_forced)]
+        bad = {k: self.weights.get(k, []) for k in ("differ", "missing", "unexpected")}
+        if any(bad.values()):
+            out.insert(0, "weights: " + "; ".join(f"{len(v)} {k} ({', '.join(v[:2])}{', ...' if len(v) > 2 else ''})"
+                                                  for k, v in bad.items() if v)
+                       + f" of {self.weights.get('checked', 0)} initializers, against the checkpoint")
+        return out
 
     def __bool__(self) -> bool:
         return not self.failures()
@@ -186,6 +193,7 @@ class Report:
                 "batch": self.batch, "reference": self.reference, "rule": self.gate.rule(), "gate": asdict(self.gate),
                 "largest_ratio": self.largest_ratio(), "failures": self.failures(), "notes": self.notes,
                 "seconds": self.seconds, "method": self.method, "peak_rss_bytes": self.peak_rss,
+                "weights": self.weights,
                 **{key: {"summary": m.summary(self.gate), "per_step": asdict(m)}
                    for key, m in (("free_running", self.free_running), ("teacher_forced", self.teacher_forced))}}
 
@@ -201,6 +209,10 @@ class Report:
             rows.append(f"{'  state (max rel)':<22}{s['state_export']:>22.3g}{s['state_reference']:>22.3g}"
                         f"{s['state_export'] / max(s['state_reference'], 1e-300):>16.2f}")
         rows += [f"note: {n}" for n in self.notes]
+        if "checked" in self.weights:
+            bad = sum(len(self.weights[k]) for k in ("differ", "missing", "unexpected"))
+            rows.append(f"weights: {self.weights['checked'] - bad} of {self.weights['checked']} step-graph "
+                        "initializers byte-identical to the checkpoint's (as export prepares them)")
         rows.append(f"method: {self.method}; peak RSS {self.peak_rss / 1e9:.2f} GB")
         rows.append(f"rule: {self.gate.rule()}")
         rows.append(f"{'PASS' if self else 'FAIL'}: {self.steps} steps x batch {self.batch}, {self.precision} via "
@@ -300,6 +312,52 @@ class References:
         return self.spill.get(("logits", t)), self.spill.get(("ref", t)).astype(np.float64)
 
 
+def check_weights(m, ckpt) -> dict:
+    """The export's step-graph initializers, byte for byte, against what exporting `ckpt` writes (sha256 each):
+    {"checked": n, "differ": [...], "missing": [...], "unexpected": [...]}. The logits show how the graph computes;
+    this shows that it computes with the checkpoint's weights, exactly, at any size."""
+    if m["format"] == "rwkv-deploy/1":  # written by the constant-folding exporter: other initializer names
+        return {"skipped": "weights not compared with the checkpoint: a format-1 export (re-export to compare)"}
+    from ..exporters.export import weight_digests
+
+    expected = weight_digests(ckpt, m["precision"], m.get("wkv", "portable"), m.get("opset", 18))
+    actual = export_weight_digests(m)
+    return {"checked": len(expected),
+            "differ": sorted(n for n in expected if n in actual and actual[n] != expected[n]),
+            "missing": sorted(n for n in expected if n not in actual),
+            "unexpected": sorted(n for n in actual if n not in expected)}
+
+
+def export_weight_digests(m) -> dict[str, str]:
+    """{initializer: sha256 of its bytes} of an export folder's step graph, external data read in place."""
+    import hashlib
+    import mmap
+
+    import onnx
+
+    path = m.path("graphs.step.file", m.graph("step")["file"])
+    proto = onnx.load(str(path), load_external_data=False)
+    out, maps = {}, {}
+    try:
+        for t in proto.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                e = {x.key: x.value for x in t.external_data}
+                loc = e["location"]
+                if loc not in maps:
+                    with open(m.path(f"initializer {t.name}", loc), "rb") as f:
+                        maps[loc] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                start = int(e.get("offset", 0))
+                raw = memoryview(maps[loc])[start:start + int(e["length"])]
+                out[t.name] = hashlib.sha256(raw).hexdigest()
+                raw.release()
+            else:
+                out[t.name] = hashlib.sha256(t.raw_data).hexdigest()
+    finally:
+        for mm in maps.values():
+            mm.close()
+    return out
+
+
 def peak_rss() -> int:
     """This process's peak resident memory in bytes (Linux reports ru_maxrss in KiB)."""
     import resource
@@ -354,6 +412,9 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
         if checkpoint is None:  # the recorded file changed since the export: nothing sound to compare with
             raise RWKVDeployError(f"{what}; pass --checkpoint with the original")
         notes.append(what + "; held against it as asked")  # e.g. the .pth of an export made from .safetensors
+    weights = check_weights(m, ckpt)
+    if weights.get("skipped"):
+        notes.append(weights["skipped"])
     sess = session or TorchSession.for_export(m, ckpt, torch_device(providers), threads)
     exact = RWKV(ckpt, torch.float64, lazy=True).eval()
     ref = RWKV(ckpt, REFERENCE_DTYPE[m["precision"]], lazy=True).eval()
@@ -387,7 +448,7 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
                 log.info("verified %d/%d steps", t + 1, steps)
     report = Report(m["precision"], sess.backend, steps, batch, gate, free, forced, time.time() - t0,
                     f"float64 and {m['precision']} PyTorch references of {Path(src).name}", notes, References.METHOD,
-                    peak_rss())
+                    peak_rss(), weights)
     if write:
         _write(Path(folder) / "verify.json", report.to_json())
     if json_path:
