@@ -16,8 +16,7 @@ import numpy as np
 
 from rwkv_deploy.runtime.generate import sample
 from rwkv_deploy.runtime.manifest import read_manifest
-from rwkv_deploy.runtime.session import manifest_tokenizer
-from rwkv_deploy.runtime.tokenizer import TextStream
+from rwkv_deploy.runtime.tokenizer import TextStream, manifest_tokenizer
 from rwkv_deploy.triton.client import SequenceClient
 
 
