@@ -87,6 +87,30 @@ def destination(out) -> Path:
 
 
 
+def check_destination(out: Path, force: bool, source, source_what: str, ours, ours_what: str) -> None:
+    """Refuse an OUT that must not be written, before any work: a file; a folder that is protected() (it holds
+    `source`, `source_what` in words, or is /, the current folder or one above it); a non-empty folder without
+    `force`, or with it one that ours(OUT) says this tool did not write (`ours_what`: how such a folder is told);
+    a parent that is missing or not writable."""
+    if out.exists() and not out.is_dir():
+        raise RWKVDeployError(f"{out} exists and is a file; choose a folder name for -o")
+    if out.exists():
+        why = protected(out, source, source_what)
+        if why:
+            raise RWKVDeployError(f"will not replace {out}: {why}; choose another -o (or remove it by hand)")
+        if any(out.iterdir()):
+            if not force:
+                raise RWKVDeployError(f"{out} already exists and is not empty; pass --force to replace it")
+            if not ours(out):
+                raise RWKVDeployError(f"{out} is not {ours_what}, and --force replaces only those; remove it by "
+                                      "hand or choose another -o")
+    parent = out.parent
+    if not parent.is_dir():
+        raise RWKVDeployError(f"{parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RWKVDeployError(f"cannot write to {parent} (permission denied); choose another -o")
+
+
 def protected(out: Path, source, what: str) -> str | None:
     """Why an existing OUT must never be replaced, or None: replacing deletes everything inside it. `source` is
     what is being read (`what`, in words: a checkpoint, an export folder), which OUT must not hold."""

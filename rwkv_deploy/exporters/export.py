@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import replace
@@ -22,7 +21,7 @@ from ..models.common import Params
 from ..models.model import RWKV
 from ..runtime.manifest import FORMAT, MANIFEST, tokenizer_entry, write_json_atomic
 from ..runtime.tokenizer import default_tokenizer_file
-from ..staging import destination, protected, sigterm_raises_exit, staged
+from ..staging import check_destination, destination, sigterm_raises_exit, staged
 from ..validation.loop import LayerReplay
 from ..validation.metrics import normalised
 from .onnx_graph import (EXTERNAL_THRESHOLD, LOGITS, TOKENS, WEIGHTS_FILE, PrefillGraph, StepGraph, WeightWriter,
@@ -62,7 +61,9 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
     if not 17 <= opset <= 23:  # 17 brings LayerNormalization
         raise RWKVDeployError(f"opset {opset} is not supported; use 17..23 (default 18)")
     out = destination(out)
-    _check_destination(out, force, checkpoint)
+    # everything about OUT that can be refused is refused here, before the checkpoint is loaded
+    check_destination(out, force, checkpoint, "the checkpoint being exported", _is_export_folder,
+                      f"an rwkv-deploy export folder (no {MANIFEST} of an rwkv-deploy format)")
     t0 = time.time()
     ckpt = load_checkpoint(checkpoint)  # headers and shapes; each tensor is read when it is written
     log.info("[1/4] opened RWKV-%s %s (%d layers x %d, %s params) in %.1fs", ckpt.version, ckpt.path.name,
@@ -196,27 +197,6 @@ def _graph_entry(file: str, external: bool, tokens_shape: list, vocab: int) -> d
     return {"file": file, "external_data": WEIGHTS_FILE if external else None, "tokens": TOKENS,
             "tokens_dtype": "int64", "tokens_shape": tokens_shape, "logits": LOGITS, "logits_dtype": "float32",
             "logits_shape": ["batch", vocab]}
-
-
-def _check_destination(out: Path, force: bool, checkpoint) -> None:
-    """Everything about OUT that can be refused is refused here, before the checkpoint is loaded."""
-    if out.exists() and not out.is_dir():
-        raise RWKVDeployError(f"{out} exists and is a file; choose a folder name for -o")
-    if out.exists():
-        why = protected(out, checkpoint, "the checkpoint being exported")
-        if why:
-            raise RWKVDeployError(f"will not replace {out}: {why}; choose another -o (or remove it by hand)")
-        if any(out.iterdir()):
-            if not force:
-                raise RWKVDeployError(f"{out} already exists and is not empty; pass --force to replace it")
-            if not _is_export_folder(out):
-                raise RWKVDeployError(f"{out} is not an rwkv-deploy export folder (no {MANIFEST} of an rwkv-deploy "
-                                      "format), and --force replaces only those; remove it by hand or choose another -o")
-    parent = out.parent
-    if not parent.is_dir():
-        raise RWKVDeployError(f"{parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RWKVDeployError(f"cannot write to {parent} (permission denied); choose another -o")
 
 
 def _is_export_folder(folder: Path) -> bool:

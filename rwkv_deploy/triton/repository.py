@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import RWKVDeployError, check_batch
 from ..runtime.manifest import MANIFEST, Manifest, check_schema, read_manifest, write_json_atomic
-from ..staging import destination, protected, sigterm_raises_exit, staged
+from ..staging import check_destination, destination, sigterm_raises_exit, staged
 from .config import (BACKENDS, IDLE_SECONDS, INITIAL_STATE_DIR, STRATEGIES, config_text, initial_state_file,
                      state_needs_file)
 
@@ -52,7 +52,8 @@ def write_repository(export, out, *, backend: str = "onnxruntime", max_batch: in
     src = Path(export).resolve()
     if out.resolve() == src or src in out.resolve().parents or out.resolve() in src.parents:
         raise RWKVDeployError(f"-o {out} overlaps the export folder {src}; choose a folder outside it")
-    _check_destination(out, force, protected(out, src, "the export being served"))
+    check_destination(out, force, src, "the export being served", lambda o: (o / MARKER).is_file(),
+                      f"a repository written by `rwkv-deploy triton` (no {MARKER})")
     with staged(out, "repository") as tmp:
         model = tmp / name
         (model / "1").mkdir(parents=True)
@@ -66,21 +67,6 @@ def write_repository(export, out, *, backend: str = "onnxruntime", max_batch: in
     log.info("wrote the Triton model repository %s (model %r, %s backend, %s strategy, max batch %d)",
              out, name, backend, strategy, max_batch)
     return out
-
-
-def _check_destination(out: Path, force: bool, protected: str | None) -> None:
-    if out.exists() and not out.is_dir():
-        raise RWKVDeployError(f"{out} exists and is a file; choose a folder name for -o")
-    if out.exists() and protected:
-        raise RWKVDeployError(f"will not replace {out}: {protected}; choose another -o")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise RWKVDeployError(f"{out} already exists and is not empty; pass --force to replace it")
-        if not (out / MARKER).is_file():
-            raise RWKVDeployError(f"{out} is not a repository written by `rwkv-deploy triton` (no {MARKER}), and "
-                                  "--force replaces only those; remove it by hand or choose another -o")
-    if not out.parent.is_dir():
-        raise RWKVDeployError(f"{out.parent} does not exist; create it first")
 
 
 def _write_config(model: Path, text: str) -> None:
