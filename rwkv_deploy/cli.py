@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="checkpoint -> export folder (ONNX graphs + manifest.json)")
     s.add_argument("checkpoint")
     s.add_argument("-o", "--output", required=True, help="export folder to create")
-    s.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="weights and activations")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
+                   help="weights and activations; int8/int4: projections and head quantized, computed in float32")
     s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     s.add_argument("--tokenizer", help="tokenizer file to copy in: tokenizers .json or RWKV World .txt")
     s.add_argument("--external-data", action="store_true",

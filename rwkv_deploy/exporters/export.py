@@ -19,6 +19,7 @@ from ..errors import RWKVDeployError
 from ..models import load_checkpoint
 from ..models.common import Params
 from ..models.model import RWKV
+from ..models.quant import QUANTS
 from ..runtime.manifest import FORMAT, MANIFEST, tokenizer_entry, write_json_atomic
 from ..runtime.tokenizer import default_tokenizer_file
 from ..staging import check_destination, destination, sigterm_raises_exit, staged
@@ -29,7 +30,8 @@ from .onnx_graph import (EXTERNAL_THRESHOLD, LOGITS, TOKENS, WEIGHTS_FILE, Prefi
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+# int8/int4: projections and head stored blockwise-quantized (models/quant.py), everything computed in float32
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}
 WKV_MODES = ("portable", "fused")
 NP_DTYPE = {torch.float32: "float32", torch.float16: "float16"}
 
@@ -39,7 +41,7 @@ NP_DTYPE = {torch.float32: "float32", torch.float16: "float16"}
 # GOLDEN_BOUNDS (floor, cap) per precision; see _golden.
 GOLDEN_FILE, GOLDEN_STEPS, GOLDEN_SEED = "golden/logits.bin", 8, 20261124
 GOLDEN_FACTOR = 10
-GOLDEN_BOUNDS = {"fp32": (1e-4, 1e-3), "fp16": (0.1, 0.25)}
+GOLDEN_BOUNDS = {"fp32": (1e-4, 1e-3), "fp16": (0.1, 0.25), "int8": (1e-4, 1e-3), "int4": (1e-4, 1e-3)}
 
 
 @sigterm_raises_exit
@@ -69,7 +71,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
     log.info("[1/4] opened RWKV-%s %s (%d layers x %d, %s params) in %.1fs", ckpt.version, ckpt.path.name,
              ckpt.dims.n_layer, ckpt.dims.n_embd, f"{ckpt.n_params:,}", time.time() - t0)
     tok_src, tok_entry = _find_tokenizer(ckpt, tokenizer)
-    dtype = PRECISIONS[precision]
+    dtype, quant = PRECISIONS[precision], QUANTS.get(precision)
     library = None
     if wkv == "fused":
         from ..custom_ops.build import build_library
@@ -89,7 +91,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
     with staged(out, "export") as tmp:
         t1 = time.time()
         _phase(progress, 0, "tracing the graphs")
-        writer = WeightWriter(tmp / WEIGHTS_FILE, external)
+        writer = WeightWriter(tmp / WEIGHTS_FILE, external, quant, quant and _quantizable(quant))
         files = {"step": "model.onnx"}
         writer.bind(trace_graph(StepGraph(model), model, torch.zeros(2, dtype=torch.long), tmp / "model.onnx", opset),
                     weight_names, tmp / "model.onnx")
@@ -106,11 +108,11 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         del model
         log.info("[2/4] %s traced in %.1fs", " and ".join(files.values()), time.time() - t1)
         t1 = time.time()
-        model = RWKV(ckpt, dtype, wkv=wkv, lazy=True).eval()  # real weights, one layer at a time
+        model = RWKV(ckpt, dtype, wkv=wkv, lazy=True, quant=quant).eval()  # real weights, one layer at a time
         # the golden tokens run through each layer as it is written, at the export's precision and in float64,
         # so the checkpoint is read once (a layer's pages are still in memory when its float64 copy is made)
         tokens = np.random.default_rng(GOLDEN_SEED).integers(0, d.vocab_size, GOLDEN_STEPS).tolist()
-        exact_model = RWKV(ckpt, torch.float64, lazy=True).eval()
+        exact_model = RWKV(ckpt, torch.float64, lazy=True, quant=quant).eval()
         at_precision, exact = (LayerReplay(m, torch.tensor([tokens])) for m in (model, exact_model))
 
         def replay(i, block):
@@ -121,6 +123,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
                      progress=progress and (lambda i, n: progress(i, n, "writing weights")))
         for file in files.values():
             onnx.checker.check_model(str(tmp / file))  # by path: works past 2 GiB
+        writer_quantized = writer.quantized
         del writer
         log.info("[2/4] %.2f GB of weights written%s (golden tokens replayed alongside) in %.1fs", weight_bytes / 1e9,
                  f" to {WEIGHTS_FILE}" if external else "", time.time() - t1)
@@ -143,8 +146,12 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         manifest = {
             "format": FORMAT, "rwkv_version": d.version, "n_layer": d.n_layer, "n_embd": d.n_embd,
             "dim_att": d.dim_att, "dim_ffn": d.dim_ffn, "n_head": d.n_head, "head_size": d.head_size,
-            "vocab_size": d.vocab_size, "precision": precision, "weights_dtype": NP_DTYPE[dtype],
-            "compute_dtype": NP_DTYPE[dtype], "quantization": None, "wkv": wkv, "opset": opset,
+            "vocab_size": d.vocab_size, "precision": precision,
+            "weights_dtype": precision if quant else NP_DTYPE[dtype], "compute_dtype": NP_DTYPE[dtype],
+            "quantization": quant and {
+                "method": f"blockwise symmetric int{quant.bits} (DequantizeLinear, opset 21)",
+                "block_size": quant.block, "tensors": sorted(writer_quantized)},
+            "wkv": wkv, "opset": max(opset, 21) if quant else opset,
             "rescale_every": rescale_every,
             "graphs": graphs,
             "state": state,
@@ -237,6 +244,16 @@ def _find_tokenizer(ckpt, given) -> tuple[Path | None, dict | None]:
         log.warning("no tokenizer: pass --tokenizer FILE (e.g. 20B_tokenizer.json for Pile models) to use `run`")
         return None, None
     return path, tokenizer_entry(path, ckpt.dims.vocab_size)
+
+
+def _quantizable(quant):
+    """quantizable(initializer name, shape) for WeightWriter: the layers' projections and the head."""
+    def pick(name: str, shape) -> bool:
+        if name == "model.head":
+            return quant.applies("head", shape)
+        parts = name.split(".", 3)  # model.blocks.<i>.<key>
+        return parts[:2] == ["model", "blocks"] and quant.applies(parts[3], shape)
+    return pick
 
 
 def _golden(tokens: list[int], at_precision: np.ndarray, exact: np.ndarray, precision: str, folder: Path) -> dict:

@@ -155,7 +155,7 @@ class WeightWriter:
     ALIGN = 4096  # page-aligned offsets let a runtime map each tensor instead of copying it
     MIN_BYTES = 1024  # smaller tensors stay inside each graph (a page of padding apiece would outweigh them)
 
-    def __init__(self, path: Path | None, external: bool):
+    def __init__(self, path: Path | None, external: bool, quant=None, quantizable=None):
         """path: the external-data file to write; None computes digests instead of writing anything (`digests`:
         initializer name -> sha256 of the bytes it would have), which is how verify checks an export's weights."""
         self.path, self.external = path, external
@@ -163,6 +163,10 @@ class WeightWriter:
         self.graphs = []  # (ModelProto without weights, initializer names it uses, file to write)
         self.uses: dict[str, list[tuple[str, object]]] = {}  # weight -> [(initializer name, fold model or None)]
         self.bytes_written = 0
+        # int8/int4 exports: quant (models.quant.Quant) and quantizable(weight name, shape) -> bool pick the
+        # projections that a MatMul takes transposed; they are stored as q and scale behind a DequantizeLinear
+        self.quant, self.quantizable = quant, quantizable
+        self.quantized: set[str] = set()  # folded initializer names stored quantized
 
     def bind(self, proto, weight_names: set[str], path: Path) -> None:
         import onnx
@@ -200,11 +204,44 @@ class WeightWriter:
         del g.node[:]
         for node in keep:
             node.input[:] = [rename.get(x, x) for x in node.input]
+        if self.quant is not None:
+            keep = self._dequantize(keep, weights, source, rename)
+            for o in proto.opset_import:  # blocked DequantizeLinear and INT4 came with opset 21
+                if o.domain in ("", "ai.onnx"):
+                    o.version = max(o.version, 21)
         g.node.extend(keep)
         inputs = [i for i in g.input if i.name not in weights]
         del g.input[:]
         g.input.extend(inputs)
-        self.graphs.append((proto, {rename.get(v, v) for v in used if v in source}, path))
+        names = {rename.get(v, v) for v in used if v in source}
+        names = {x for n in names for x in ((f"{n}~q", f"{n}~s") if n in self.quantized else (n,))}
+        self.graphs.append((proto, names, path))
+
+    def _dequantize(self, nodes, weights, source, rename) -> list:
+        """nodes with each quantizable projection's MatMul fed by DequantizeLinear(q, scale) (opset 21, blocks
+        along the MatMul's K axis) instead of its transposed float weight. Only weights that every consumer
+        takes as a MatMul's B input; anything else keeps its float copy."""
+        from onnx import helper
+
+        folded = {rename[v]: w for v, (w, chain) in source.items() if v in rename and len(chain) == 1
+                  and chain[0].op_type == "Transpose"}
+        consumers: dict[str, list] = {}
+        for n in nodes:
+            for i, x in enumerate(n.input):
+                consumers.setdefault(x, []).append((n.op_type, i))
+        picked = {name for name, w in folded.items()
+                  if all(c == ("MatMul", 1) for c in consumers.get(name, [("none", 0)]))
+                  and self.quantizable(w, [d.dim_value for d in weights[w].type.tensor_type.shape.dim])}
+        self.quantized |= picked
+        out = []
+        for n in nodes:
+            name = n.input[1] if n.op_type == "MatMul" else None
+            if name in picked:
+                out.append(helper.make_node("DequantizeLinear", [f"{name}~q", f"{name}~s"], [f"{name}~dq"],
+                                            axis=0, block_size=self.quant.block))
+                n.input[1] = f"{name}~dq"
+            out.append(n)
+        return out
 
     def _use(self, weight: str, name: str, fold) -> None:
         entries = self.uses.setdefault(weight, [])
@@ -213,8 +250,6 @@ class WeightWriter:
 
     def write(self, named_tensors, progress=None) -> None:
         """Write every bound graph's file, streaming (weight name, tensor) pairs into its initializers."""
-        import onnx
-        from onnx import helper
         from onnx.reference import ReferenceEvaluator
 
         done, total, written = 0, len(self.uses), set()
@@ -227,32 +262,18 @@ class WeightWriter:
                 files.append((f, names))
             for weight, t in named_tensors:
                 for name, fold in self.uses.get(weight, []):
+                    if name in self.quantized:  # W [out, in] -> q [in, out] and scale [in/block, out]
+                        q, scale = self.quant.quantize(t.detach().cpu())
+                        self._emit(f"{name}~q", q.T.contiguous().numpy(), data, files, written, self.quant.bits)
+                        self._emit(f"{name}~s", scale.T.contiguous().numpy(), data, files, written)
+                        continue
                     arr = t.detach().cpu().numpy()
                     if fold is not None and _is_transpose(fold):  # F.linear's: one copy, not the evaluator's three
                         arr = arr.transpose(list(fold.graph.node[0].attribute[0].ints))
                     elif fold is not None:
                         arr = ReferenceEvaluator(fold).run(None, {fold.graph.input[0].name: arr})[0]
-                    arr = np.ascontiguousarray(arr)
-                    raw = memoryview(arr).cast("B")
-                    if self.digests is not None:
-                        self.digests[name] = hashlib.sha256(raw).hexdigest()
-                        written.add(name)
-                        del arr, raw
-                        continue
-                    tp = onnx.TensorProto(name=name, dims=arr.shape, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
-                    if data is not None and arr.nbytes >= self.MIN_BYTES:
-                        data.write(b"\0" * (-data.tell() % self.ALIGN))
-                        tp.data_location = onnx.TensorProto.EXTERNAL
-                        for k, v in (("location", self.path.name), ("offset", data.tell()), ("length", arr.nbytes)):
-                            tp.external_data.add(key=k, value=str(v))
-                        data.write(raw)
-                        raw = None
-                    for f, names in files:
-                        if name in names:
-                            _append_initializer(f, tp, raw)
-                    self.bytes_written += arr.nbytes
-                    written.add(name)
-                    del arr, raw
+                    self._emit(name, arr, data, files, written)
+                    del arr
                 del t
                 release_freed_memory()
                 done += 1
@@ -263,6 +284,43 @@ class WeightWriter:
         missing = [n for _, names, _ in self.graphs for n in names if n not in written]
         if missing:  # a weight the graph uses that the model did not stream: a bug, not bad input
             raise RuntimeError(f"weights not written: {missing[:5]}")
+
+    def _emit(self, name: str, arr: np.ndarray, data, files, written: set, bits: int | None = None) -> None:
+        """One initializer: into the external-data file (page-aligned) or inside each graph file that uses it.
+        bits=4: `arr` holds int8 values in [-7, 7], stored as ONNX INT4; bits=8: as INT8."""
+        import onnx
+        from onnx import helper
+
+        arr = np.ascontiguousarray(arr)
+        dtype = helper.np_dtype_to_tensor_dtype(arr.dtype) if bits is None else \
+            {8: onnx.TensorProto.INT8, 4: onnx.TensorProto.INT4}[bits]
+        stored = _packed_int4(arr) if bits == 4 else arr
+        tp = onnx.TensorProto(name=name, dims=arr.shape, data_type=dtype)
+        raw = memoryview(stored).cast("B")
+        if self.digests is not None:
+            self.digests[name] = hashlib.sha256(raw).hexdigest()
+            written.add(name)
+            return
+        if data is not None and stored.nbytes >= self.MIN_BYTES:
+            data.write(b"\0" * (-data.tell() % self.ALIGN))
+            tp.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", self.path.name), ("offset", data.tell()), ("length", stored.nbytes)):
+                tp.external_data.add(key=k, value=str(v))
+            data.write(raw)
+            raw = None
+        for f, names in files:
+            if name in names:
+                _append_initializer(f, tp, raw)
+        self.bytes_written += stored.nbytes
+        written.add(name)
+
+
+def _packed_int4(q: np.ndarray) -> np.ndarray:
+    """int8 values in [-8, 7] -> ONNX INT4 storage: two a byte, the first in the low nibble."""
+    flat = (q.reshape(-1).astype(np.uint8) & 0x0F)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return flat[0::2] | (flat[1::2] << 4)
 
 
 def _append_initializer(f, tensor, raw) -> None:

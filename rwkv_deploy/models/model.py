@@ -58,7 +58,7 @@ class RWKV(nn.Module):
     """
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, rescale_every: int | None = None,
-                 wkv: str = "portable", lazy: bool = False):
+                 wkv: str = "portable", lazy: bool = False, quant=None):
         super().__init__()
         if wkv not in ("portable", "fused"):
             raise RWKVDeployError(f"unknown wkv mode {wkv!r}; expected portable or fused")
@@ -71,6 +71,7 @@ class RWKV(nn.Module):
         d = ckpt.dims
         V = VERSIONS[d.version]
         self.ckpt, self.dims, self.version, self.dtype = ckpt, d, V, dtype
+        self.quant = quant  # models.quant.Quant: compute with the weights an int8/int4 export stores
         if rescale_every is None:
             rescale_every = ckpt.rescale_every or (6 if dtype == torch.float16 else 0)
         self.rescale_every = rescale_every if V.rescalable else 0
@@ -103,7 +104,10 @@ class RWKV(nn.Module):
         return emb.to(self.dtype)
 
     def head_weight(self, rows=slice(None)) -> Tensor:
-        return self.ckpt.checked("head.weight")[rows].to(self.dtype)  # [V, C]
+        head = self.ckpt.checked("head.weight")[rows]  # [V, C]
+        if self.quant is not None and self.quant.applies("head", head.shape):  # blocks run along C: rows are free
+            head = self.quant.round_trip(head)
+        return head.to(self.dtype)
 
     def prepare_block(self, i: int) -> dict[str, Tensor]:
         """Layer i's tensors as the model uses them: load-time preprocessing, rescaling and dtypes applied."""
@@ -115,6 +119,8 @@ class RWKV(nn.Module):
             scale = 2 ** (i // self.rescale_every)
             p["att.output.weight"] = p["att.output.weight"] / scale
             p["ffn.value.weight"] = p["ffn.value.weight"] / scale
+        if self.quant is not None:
+            p = {k: self.quant.round_trip(t) if self.quant.applies(k, t.shape) else t for k, t in p.items()}
         keep32 = V.fp32_keys | {"att.time_state"} if dtype == torch.float16 else frozenset()
         return {k: t.to(torch.float32 if k in keep32 else dtype) for k, t in p.items()}
 
