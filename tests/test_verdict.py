@@ -31,7 +31,8 @@ def damaged(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("precision,wkv", [("fp32", "portable"), ("fp16", "portable"), ("fp32", "fused")])
+@pytest.mark.parametrize("precision,wkv", [("fp32", "portable"), ("fp16", "portable"), ("fp32", "fused"),
+                                           ("int8", "portable"), ("int4", "portable")])
 @pytest.mark.parametrize("version", VERSIONS)
 def test_damaged_matrix_fails_and_original_passes(damaged, tmp_path, version, precision, wkv):
     good, bad = damaged(version)
@@ -39,13 +40,15 @@ def test_damaged_matrix_fails_and_original_passes(damaged, tmp_path, version, pr
     assert ok, ok.table()
     broken = verify(export(bad, tmp_path / "bad", precision=precision, wkv=wkv), checkpoint=good, steps=24, batch=2)
     assert not broken, broken.table()
-    assert any("distance from float64" in f for f in broken.failures())
+    if precision in ("fp32", "fp16"):  # int8/int4 at this size: 1 % of one matrix hides in their rounding;
+        assert any("distance from float64" in f for f in broken.failures())  # the weights check below holds
     assert broken.notes and "not the file this folder was exported from" in broken.notes[0]
     # the weights, byte for byte: every initializer of the good export is the checkpoint's; in the bad one, the
     # damaged matrix (as its MatMul takes it, transposed) and nothing else
     assert ok.weights["checked"] > 10 and not any(ok.weights[k] for k in ("differ", "missing", "unexpected"))
-    assert [n.split("~")[0] for n in broken.weights["differ"]] == ["model.blocks.1.att.value.weight"]
-    assert broken.failures()[0].startswith("weights: 1 differ")
+    # (an int8/int4 export stores it as two tensors, its integers and their scales: both change)
+    assert sorted({n.split("~")[0] for n in broken.weights["differ"]}) == ["model.blocks.1.att.value.weight"]
+    assert broken.failures()[0].startswith(f"weights: {len(broken.weights['differ'])} differ")
 
 
 def test_a_damaged_weights_file_fails_on_its_weights(exported, tmp_path):

@@ -167,6 +167,7 @@ class WeightWriter:
         # projections that a MatMul takes transposed; they are stored as q and scale behind a DequantizeLinear
         self.quant, self.quantizable = quant, quantizable
         self.quantized: set[str] = set()  # folded initializer names stored quantized
+        self.halved: set[str] = set()  # tables that only Gather reads (the embedding): stored float16 beside them
 
     def bind(self, proto, weight_names: set[str], path: Path) -> None:
         import onnx
@@ -221,6 +222,7 @@ class WeightWriter:
         """nodes with each quantizable projection's MatMul fed by DequantizeLinear(q, scale) (opset 21, blocks
         along the MatMul's K axis) instead of its transposed float weight. Only weights that every consumer
         takes as a MatMul's B input; anything else keeps its float copy."""
+        import onnx
         from onnx import helper
 
         folded = {rename[v]: w for v, (w, chain) in source.items() if v in rename and len(chain) == 1
@@ -233,6 +235,9 @@ class WeightWriter:
                   if all(c == ("MatMul", 1) for c in consumers.get(name, [("none", 0)]))
                   and self.quantizable(w, [d.dim_value for d in weights[w].type.tensor_type.shape.dim])}
         self.quantized |= picked
+        # a table only Gather reads costs a row per token, not its bytes: float16 halves the folder at no speed
+        tables = {w for w in weights if consumers.get(w) and all(c == ("Gather", 0) for c in consumers[w])}
+        self.halved |= tables
         out = []
         for n in nodes:
             name = n.input[1] if n.op_type == "MatMul" else None
@@ -241,6 +246,10 @@ class WeightWriter:
                                             axis=0, block_size=self.quant.block))
                 n.input[1] = f"{name}~dq"
             out.append(n)
+            if n.op_type == "Gather" and n.input[0] in tables:  # float16 rows -> float32 activations
+                rows = n.output[0]
+                n.output[0] = f"{rows}~h"
+                out.append(helper.make_node("Cast", [f"{rows}~h"], [rows], to=onnx.TensorProto.FLOAT))
         return out
 
     def _use(self, weight: str, name: str, fold) -> None:
@@ -268,6 +277,8 @@ class WeightWriter:
                         self._emit(f"{name}~s", scale.T.contiguous().numpy(), data, files, written)
                         continue
                     arr = t.detach().cpu().numpy()
+                    if name in self.halved:
+                        arr = arr.astype(np.float16)  # exact: the model rounded it so (models.quant.Quant.table)
                     if fold is not None and _is_transpose(fold):  # F.linear's: one copy, not the evaluator's three
                         arr = arr.transpose(list(fold.graph.node[0].attribute[0].ints))
                     elif fold is not None:

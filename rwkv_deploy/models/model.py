@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..errors import RWKVDeployError, check_batch
 from .checkpoint import Checkpoint, load_checkpoint
 from .common import Dims, Params, StateKind, layer_norm
+from .quant import PRECISIONS
 from .versions import VERSIONS
 from .wkv import PORTABLE, PORTABLE_STEP
 
@@ -71,7 +72,7 @@ class RWKV(nn.Module):
         d = ckpt.dims
         V = VERSIONS[d.version]
         self.ckpt, self.dims, self.version, self.dtype = ckpt, d, V, dtype
-        self.quant = quant  # models.quant.Quant: compute with the weights an int8/int4 export stores
+        self.quant = quant  # models.quant.Quant: compute as an int8/int4 export does (models/quant.py)
         if rescale_every is None:
             rescale_every = ckpt.rescale_every or (6 if dtype == torch.float16 else 0)
         self.rescale_every = rescale_every if V.rescalable else 0
@@ -101,12 +102,12 @@ class RWKV(nn.Module):
         emb, ln0w, ln0b = (self.ckpt.checked(k) for k in ("emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias"))
         fold = emb.dtype if self.version.ln0_in_storage_dtype else self._work
         emb = F.layer_norm(emb[rows].to(fold), (self.dims.n_embd,), ln0w.to(fold), ln0b.to(fold), 1e-5)
-        return emb.to(self.dtype)
+        return emb.to(self.dtype) if self.quant is None else self.quant.table(emb, self.dtype)
 
     def head_weight(self, rows=slice(None)) -> Tensor:
         head = self.ckpt.checked("head.weight")[rows]  # [V, C]
         if self.quant is not None and self.quant.applies("head", head.shape):  # blocks run along C: rows are free
-            head = self.quant.round_trip(head)
+            return self.quant.weight(head, self.dtype)
         return head.to(self.dtype)
 
     def prepare_block(self, i: int) -> dict[str, Tensor]:
@@ -119,10 +120,10 @@ class RWKV(nn.Module):
             scale = 2 ** (i // self.rescale_every)
             p["att.output.weight"] = p["att.output.weight"] / scale
             p["ffn.value.weight"] = p["ffn.value.weight"] / scale
-        if self.quant is not None:
-            p = {k: self.quant.round_trip(t) if self.quant.applies(k, t.shape) else t for k, t in p.items()}
         keep32 = V.fp32_keys | {"att.time_state"} if dtype == torch.float16 else frozenset()
-        return {k: t.to(torch.float32 if k in keep32 else dtype) for k, t in p.items()}
+        q = self.quant
+        return {k: q.weight(t, dtype) if q is not None and q.applies(k, t.shape) else
+                t.to(torch.float32 if k in keep32 else dtype) for k, t in p.items()}
 
     def prepared_weights(self, on_layer=None):
         """(name, tensor) of every weight as the model holds it, named as its buffers are (ONNX initializers
@@ -242,6 +243,15 @@ class LazyBlocks:
 
     def __iter__(self):
         return (self[i] for i in range(self.n))
+
+
+def at_precision(ckpt: Checkpoint, precision: str, exact: bool = False, **kw) -> RWKV:
+    """The reference that computes what an export at `precision` computes; exact=True: float64 with the same
+    weights (exact math for that export)."""
+    if precision not in PRECISIONS:
+        raise RWKVDeployError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    dtype, quant = PRECISIONS[precision]
+    return RWKV(ckpt, torch.float64 if exact else dtype, quant=quant, **kw).eval()
 
 
 def load_model(source, dtype: str | torch.dtype = "float32", **kw) -> RWKV:

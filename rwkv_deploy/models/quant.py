@@ -5,8 +5,15 @@ A weight W [out, in] is cut into blocks of `block` consecutive inputs; each bloc
 max|block| / qmax and integers q = round(W / scale) in [-qmax, qmax] (qmax 127 or 7). ONNX's blocked
 DequantizeLinear (opset 21) computes q * scale in float32, as `dequantize` does here, bit for bit.
 
+ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits, whose CPU kernel by default (accuracy level 4) also
+rounds each product's input to int8 per block of 32, as rwkv.cpp's Q8_0/Q4_0 do: without that, 8-bit products have
+no fast kernel (~10x slower than float32). That rounding is part of what these exports compute, so the reference
+at their precision does it too (`Int8Input`); the float64 model (exact math) computes with the same dequantized
+weights and exact inputs.
+
 The projections of every version (att receptance/key/value/output/gate, ffn key/value/receptance) and the head are
-quantized: they are nearly all of a step's bytes. LoRA factors, mixing vectors, norms and the embedding stay float.
+quantized: they are nearly all of a step's bytes. The embedding is stored in float16; LoRA factors, mixing vectors
+and norms stay float32.
 """
 from __future__ import annotations
 
@@ -48,5 +55,49 @@ class Quant:
         """The float32 weight the export computes with."""
         return self.dequantize(*self.quantize(w))
 
+    @staticmethod
+    def table(emb: Tensor, dtype: torch.dtype) -> Tensor:
+        """The embedding as these exports store it: float16 (a step reads one row, so quantizing it would save
+        bytes on disk only; float16 halves them exactly and every runtime reads it)."""
+        return emb.to(torch.float16).to(dtype)
+
+    def weight(self, w: Tensor, dtype: torch.dtype) -> Tensor:
+        """w as a model at `dtype` holds it: dequantized; below float64 also rounding its inputs (Int8Input)."""
+        w = self.round_trip(w).to(dtype)
+        return w if dtype == torch.float64 else Int8Input.wrap(w, self.block)
+
+
+def int8_blocks(x: Tensor, block: int) -> Tensor:
+    """x [..., K] rounded to symmetric int8 per block of `block` along K (scale max|block| / 127) and back."""
+    b = x.reshape(*x.shape[:-1], -1, block)  # [..., K/block, block]
+    scale = b.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(b / scale) * scale).reshape(x.shape)
+
+
+class Int8Input(Tensor):
+    """A dequantized weight whose F.linear first rounds its input with int8_blocks, as ONNX Runtime's MatMulNBits
+    does at its default accuracy level. Every other op sees a plain tensor and returns one."""
+
+    block: int
+
+    @staticmethod
+    def wrap(w: Tensor, block: int) -> Tensor:
+        w = w.as_subclass(Int8Input)
+        w.block = block
+        return w
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            if func is torch.nn.functional.linear and isinstance(args[1], Int8Input):
+                x, w = args[0], args[1]
+                return func(int8_blocks(x, w.block), w.as_subclass(Tensor), *args[2:], **kwargs)
+            return func(*args, **kwargs)
+
 
 QUANTS = {"int8": Quant(8), "int4": Quant(4)}
+# an export's precision -> (the dtype it computes in, its weight quantization or None)
+PRECISIONS = {"fp32": (torch.float32, None), "fp16": (torch.float16, None),
+              "int8": (torch.float32, QUANTS["int8"]), "int4": (torch.float32, QUANTS["int4"])}

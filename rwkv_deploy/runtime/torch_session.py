@@ -12,12 +12,11 @@ from ..errors import RWKVDeployError
 from ..exporters.onnx_graph import state_io_names
 from ..models.checkpoint import Checkpoint, load_checkpoint
 from ..models.model import DTYPES, RWKV
+from ..models.quant import PRECISIONS
 from .contract import Session, State, StateSpec
 from .manifest import Manifest
 from .tokenizer import default_tokenizer_file, load_tokenizer
 
-# an export's precision -> the reference dtype that computes what the export computes (its fp32 islands too)
-EXPORT_DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 
 class TorchSession(Session):
@@ -27,13 +26,15 @@ class TorchSession(Session):
     checkpoint: a path (anything load_checkpoint reads) or a loaded Checkpoint. tokenizer: a file, a loaded
     tokenizer, or None to find it as export does (an HF folder's tokenizer.json; the World vocabulary for vocab
     65536). prefill_positions "all" makes prefill return every position's logits, like a `--prefill all` export.
-    threads sets torch's thread count, which is process-wide.
+    threads sets torch's thread count, which is process-wide. quant (models.quant.Quant): compute as an int8/int4
+    export does.
     """
 
     has_prefill = True  # the model runs a whole sequence in one call
 
     def __init__(self, checkpoint: str | Path | Checkpoint, dtype: str = "float32", device: str = "cpu",
-                 wkv: str = "portable", *, tokenizer=None, prefill_positions: str = "last", threads: int | None = None):
+                 wkv: str = "portable", *, tokenizer=None, prefill_positions: str = "last", threads: int | None = None,
+                 quant=None):
         if dtype not in DTYPES:
             raise RWKVDeployError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
         if prefill_positions not in ("last", "all"):
@@ -44,7 +45,7 @@ class TorchSession(Session):
         if threads:
             torch.set_num_threads(threads)
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-        self.model = RWKV(ckpt, DTYPES[dtype], wkv=wkv).eval().to(self.device)
+        self.model = RWKV(ckpt, DTYPES[dtype], wkv=wkv, quant=quant).eval().to(self.device)
         names, _ = state_io_names(self.model)
         self.state_specs = [StateSpec(n, ("batch", *s.shape), str(s.dtype).removeprefix("torch."))
                             for n, s in zip(names, self.model.states)]
@@ -64,9 +65,9 @@ class TorchSession(Session):
         """The reference of an export folder: its source checkpoint (or `checkpoint`) at the export's precision,
         with the folder's tokenizer and prefill positions."""
         folder, precision = manifest.folder, manifest["precision"]
-        if precision not in EXPORT_DTYPES:
+        if precision not in PRECISIONS:
             raise RWKVDeployError(f"{folder} is a {precision} export; the torch backend runs "
-                                  f"{', '.join(EXPORT_DTYPES)} exports")
+                                  f"{', '.join(PRECISIONS)} exports")
         if checkpoint is None:
             src = Path(manifest["source"]["path"])
             if not src.exists():
@@ -79,8 +80,9 @@ class TorchSession(Session):
         entry = manifest.get("tokenizer")
         tokenizer = manifest.path("tokenizer.file", entry["file"]) if entry else None
         positions = manifest["graphs"].get("prefill", {}).get("positions", "last")
-        sess = cls(checkpoint, EXPORT_DTYPES[precision], device, tokenizer=tokenizer, prefill_positions=positions,
-                   threads=threads)
+        dtype, quant = PRECISIONS[precision]
+        sess = cls(checkpoint, str(dtype).removeprefix("torch."), device, tokenizer=tokenizer,
+                   prefill_positions=positions, threads=threads, quant=quant)
         sess.manifest = manifest
         return sess
 

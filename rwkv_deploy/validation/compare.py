@@ -59,8 +59,9 @@ class Gate:
 GATES = {
     "fp32": Gate(typical=3, worst=32, floor=1e-5, cap=1e-3, state_floor=1e-5, state_cap=1e-3),
     "fp16": Gate(typical=3, worst=32, floor=1e-3, cap=0.25, state_floor=2e-3, state_cap=0.1),
+    "int8": Gate(typical=3, worst=32, floor=1e-3, cap=0.25, state_floor=2e-3, state_cap=0.1),
+    "int4": Gate(typical=3, worst=32, floor=1e-3, cap=0.5, state_floor=2e-3, state_cap=0.2),
 }
-REFERENCE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 
@@ -382,7 +383,7 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
     """
     from ..exporters.onnx_graph import state_io_names
     from ..models import load_checkpoint
-    from ..models.model import RWKV
+    from ..models.model import at_precision
     from ..runtime.manifest import read_manifest
     from ..runtime.session import check_backend, open_session, torch_device
     from ..runtime.torch_session import TorchSession
@@ -419,8 +420,8 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
     if weights.get("skipped"):
         notes.append(weights["skipped"])
     sess = session or TorchSession.for_export(m, ckpt, torch_device(providers), threads)
-    exact = RWKV(ckpt, torch.float64, lazy=True).eval()
-    ref = RWKV(ckpt, REFERENCE_DTYPE[m["precision"]], lazy=True).eval()
+    exact = at_precision(ckpt, m["precision"], exact=True, lazy=True)
+    ref = at_precision(ckpt, m["precision"], lazy=True)
     names = state_io_names(exact)[0]  # the references' state lists, named as the export names its state
     if sorted(names) != sorted(sess.state_names):
         raise RWKVDeployError(f"{folder}: the session's state ({sess.state_names[:3]}...) is not the reference's "
@@ -483,14 +484,15 @@ def first_token_sweep(folder, ids=None, chunk: int = 256, exact_dtype=torch.floa
     export is fp16 (fp32's own error is ~1000x below fp16's).
     """
     from ..models import load_checkpoint
-    from ..models.model import RWKV
+    from ..models.model import RWKV, at_precision
     from ..runtime.session import open_session
 
     sess = open_session(folder)
     m = sess.manifest
     ckpt = load_checkpoint(checkpoint or m["source"]["path"])
-    exact = RWKV(ckpt, exact_dtype).eval()
-    ref = RWKV(ckpt, REFERENCE_DTYPE[m["precision"]]).eval()
+    exact = (at_precision(ckpt, m["precision"], exact=True) if exact_dtype == torch.float64
+             else RWKV(ckpt, exact_dtype).eval())
+    ref = at_precision(ckpt, m["precision"])
     ids = np.arange(int(m["vocab_size"])) if ids is None else np.asarray(ids)
     d_exp, d_ref = [], []
     with torch.no_grad():

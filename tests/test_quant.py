@@ -1,0 +1,125 @@
+"""int8/int4 exports: blockwise weights behind DequantizeLinear, certified against references with the same weights."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import VERSIONS, run_cli
+
+from rwkv_deploy.models.quant import QUANTS, Int8Input, int8_blocks
+from rwkv_deploy.validation.compare import verify
+
+onnx = pytest.importorskip("onnx", reason="onnx is needed (pip install -e .[onnx])")
+pytest.importorskip("onnxruntime", reason="onnxruntime is needed (pip install -e .[onnx])")
+
+
+def test_quantize_by_hand():
+    """One block of 32 worked out by hand: scale max|w| / qmax, q = round(w / scale)."""
+    w = torch.zeros(1, 32)
+    w[0, :4] = torch.tensor([127, -63.5, 30, 0]) / 64  # scales that are powers of two keep this exact
+    q, scale = QUANTS["int8"].quantize(w)
+    assert scale.tolist() == [[1 / 64]] and q[0, :4].tolist() == [127, -64, 30, 0]  # -63.5: half to even
+    w[0, :4] = torch.tensor([7, -3.5, 2, 1.5]) / 8
+    q4, scale4 = QUANTS["int4"].quantize(w)
+    assert scale4.tolist() == [[1 / 8]] and q4[0, :4].tolist() == [7, -4, 2, 2]
+    assert QUANTS["int8"].quantize(torch.zeros(2, 64))[0].abs().sum() == 0  # an all-zero block stays zero
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_round_trip_is_idempotent_and_bounded(precision):
+    """The export re-quantizes the reference's dequantized weights: that must give back the same q and scale."""
+    qz = QUANTS[precision]
+    w = torch.randn(64, 96) * 0.05
+    q, scale = qz.quantize(w)
+    assert q.abs().max() <= qz.qmax and (q.abs().reshape(64, -1, 32).amax(-1) == qz.qmax).all()
+    back = qz.round_trip(w)
+    q2, scale2 = qz.quantize(back)
+    assert torch.equal(q, q2) and torch.equal(scale, scale2)
+    err = (back - w).abs().reshape(64, -1, 32) / scale[..., None]
+    assert err.max() <= 0.5 + 1e-5  # round to nearest: at most half a step
+
+
+def test_int8_blocks_by_hand():
+    x = torch.zeros(1, 64)
+    x[0, 0], x[0, 1], x[0, 32] = 2.54, 0.03, -1.0  # block 0 step 0.02; block 1 step 1/127
+    y = int8_blocks(x, 32)
+    assert y[0, 0] == pytest.approx(2.54) and y[0, 1] == pytest.approx(0.04)  # 1.5 steps rounds to 2
+    assert y[0, 32] == pytest.approx(-1.0) and y[0, 2:32].abs().sum() == 0
+
+
+def test_int8_input_rounds_only_in_linear():
+    w = Int8Input.wrap(torch.randn(8, 32), 32)
+    x = torch.randn(3, 32)
+    assert torch.equal(torch.nn.functional.linear(x, w), torch.nn.functional.linear(int8_blocks(x, 32), w.as_subclass(torch.Tensor)))
+    assert type(w * 2) is torch.Tensor and type(torch.nn.functional.linear(x, w)) is torch.Tensor
+
+
+def _initializers(folder):
+    m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return m, {t.name: t for t in m.graph.initializer}
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("version", VERSIONS)
+def test_quantized_export_checks_and_verifies(exported, version, precision):
+    out = exported(version, precision)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["weights_dtype"] == precision and m["compute_dtype"] == "float32" and m["opset"] >= 21
+    q = m["quantization"]
+    assert q["block_size"] == 32 and "int8" in q["activations"]
+    proto, inits = _initializers(out)
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    want = {"int8": onnx.TensorProto.INT8, "int4": onnx.TensorProto.INT4}[precision]
+    # every layer's projections and the head: 6 (v7: its gate is a LoRA, no ffn receptance) to 8 per layer
+    assert len(dq) == len(q["tensors"]) >= 6 * m["n_layer"] + 1
+    for n in dq:
+        assert {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} == {"axis": 0, "block_size": 32}
+        assert inits[n.input[0]].data_type == want and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT
+    assert any(t.startswith("model.head") for t in q["tensors"])
+    r = run_cli("check", out)
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+    report = verify(out, steps=12, batch=2, write=False)
+    assert report, report.table()
+    assert report.weights["checked"] == len(inits) and not report.weights["differ"]
+
+
+def test_stored_integers_are_the_reference_weights(exported):
+    """The int4 initializers, unpacked by onnx itself, times their scales, are the reference's dequantized
+    weights: the export and its certificate hold the same numbers."""
+    from onnx import numpy_helper
+
+    from rwkv_deploy.models import load_checkpoint
+    from rwkv_deploy.models.model import at_precision
+
+    out = exported("7", "int4")
+    m = json.loads((out / "manifest.json").read_text())
+    proto = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    name = next(t for t in m["quantization"]["tensors"] if ".1.ffn.key." in t)
+    q, s = inits[f"{name}~q"], inits[f"{name}~s"]  # [in, out] int values in [-7, 7], [in / 32, out]
+    assert q.dtype != np.float32 and np.abs(q.astype(int)).max() <= 7
+    dequant = q.astype(np.float32) * np.repeat(s, 32, axis=0)  # [in, out]
+    ref = at_precision(load_checkpoint(m["source"]["path"]), "int4").blocks[1].ffn.key.weight  # [out, in]
+    np.testing.assert_array_equal(dequant.T, ref.as_subclass(torch.Tensor).numpy())
+
+
+def _stored_bytes(folder) -> dict:
+    m, _ = _initializers(folder)
+    length = lambda t: int({e.key: e.value for e in t.external_data}.get("length", 0)) or len(t.raw_data)  # noqa: E731
+    return {t.name: length(t) for t in m.graph.initializer}
+
+
+def test_folder_sizes_shrink(make_ckpt, tmp_path):
+    """The quantized matrices take 1 + 1/8 (int8) and 1/2 + 1/8 (int4) bytes a weight, a float32 scale per block
+    of 32: 0.5625 and 0.3125 of fp16's bytes; whole folders shrink in that order."""
+    from rwkv_deploy import export
+
+    ckpt = make_ckpt("7", n_layer=2, n_embd=256, head_size=64, vocab_size=512)
+    out = {p: export(ckpt, tmp_path / p, precision=p, prefill=True) for p in ("fp32", "fp16", "int8", "int4")}
+    size = {p: sum(f.stat().st_size for f in o.rglob("*") if f.is_file()) for p, o in out.items()}
+    assert size["int4"] < size["int8"] < size["fp16"] < size["fp32"], size
+    half = _stored_bytes(out["fp16"])
+    for p, ratio in (("int8", 0.5625), ("int4", 0.3125)):
+        stored = _stored_bytes(out[p])
+        names = json.loads((out[p] / "manifest.json").read_text())["quantization"]["tensors"]
+        assert sum(stored[f"{n}~q"] + stored[f"{n}~s"] for n in names) / sum(half[n] for n in names) == ratio
