@@ -87,7 +87,9 @@ def damage_weights(folder: Path) -> None:
 
     path = folder / "model.onnx"
     model = onnx.load(str(path))
-    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # int8/int4 exports: their scales, not integers
+    init = max(model.graph.initializer,
+               key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 and t.data_type in floats else 0)
     arr = numpy_helper.to_array(init).copy()
     arr *= 1.5
     init.CopyFrom(numpy_helper.from_array(arr, init.name))

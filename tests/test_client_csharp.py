@@ -24,7 +24,7 @@ from conftest import VERSIONS
 
 CS = REPO / "clients" / "csharp"
 EXE = CS / "bin" / "rwkv-deploy-cs.exe"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
 
 def _python_ort_lib() -> str | None:

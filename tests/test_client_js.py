@@ -23,7 +23,7 @@ from conftest import VERSIONS
 JS = REPO / "clients" / "js"
 CLI = JS / "cli.mjs"
 RUNTIMES = ("node", "web")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # the JavaScript packages' ONNX Runtime (package.json pins both bindings to it)
 JS_ORT = json.loads((JS / "package.json").read_text())["dependencies"]["onnxruntime-node"]
 
@@ -60,7 +60,7 @@ def ort_version() -> str:
 
 
 def score_bound(precision: str, runtime: str) -> float:
-    """1e-5 (max|Δ|/std) for fp32 everywhere. fp16 graphs run ONNX Runtime's fp16 kernels, which differ between
+    """1e-5 (max|Δ|/std) for fp32 everywhere (int8/int4: see below). fp16 graphs run ONNX Runtime's fp16 kernels, which differ between
     builds, so fp16 is held to 1e-5 only where the builds are the same: onnxruntime-node against Python's
     onnxruntime of the same version (measured: <= 8e-7). Otherwise (measured on these exports) Python's 1.32 lands
     1.3e-4...7.8e-4 from onnxruntime-node 1.30.0, and the wasm build of 1.30.0 up to 4.5e-4 from the native one of
@@ -69,6 +69,12 @@ def score_bound(precision: str, runtime: str) -> float:
     """
     if precision == "fp32" or (runtime == "node" and ort_version() == JS_ORT):
         return 1e-5
+    if precision in ("int8", "int4"):
+        # native builds share the CPU kernel that rounds each quantized product's input to int8 (measured: 0
+        # between onnxruntime-node 1.30.0 and Python's 1.32). The wasm build computes those products its own
+        # way: measured 0.026...0.064 (int8) and 0.026...0.19 (int4) from the native one on these tiny random
+        # exports, both about as far from float64 (each passes its golden check); held to the golden caps.
+        return 1e-5 if runtime == "node" else {"int8": 0.25, "int4": 0.5}[precision]
     return 2e-3
 
 
