@@ -123,3 +123,22 @@ def test_folder_sizes_shrink(make_ckpt, tmp_path):
         stored = _stored_bytes(out[p])
         names = json.loads((out[p] / "manifest.json").read_text())["quantization"]["tensors"]
         assert sum(stored[f"{n}~q"] + stored[f"{n}~s"] for n in names) / sum(half[n] for n in names) == ratio
+
+
+def test_report_gives_top1_agreement_with_the_unquantized_model(exported):
+    """verify's fp32_top1, recomputed another way: the export stepped on its own state and the float32 model
+    stepped whole (stepwise, not layer by layer), on verify's tokens."""
+    from rwkv_deploy import open_session
+    from rwkv_deploy.models import load_checkpoint
+    from rwkv_deploy.models.model import at_precision
+    from rwkv_deploy.validation.loop import stepwise
+
+    out = exported("5.2", "int8")
+    report = verify(out, steps=20, batch=2, seed=3, write=False)
+    assert report.to_json()["fp32_top1"] == report.fp32_top1 and "unquantized float32" in report.table()
+    m = json.loads((out / "manifest.json").read_text())
+    tokens = np.random.default_rng(3).integers(0, m["vocab_size"], size=(20, 2)).T  # [B, T], as verify draws them
+    ours = stepwise(open_session(out), tokens)[0].argmax(-1)
+    fp32 = stepwise(at_precision(load_checkpoint(m["source"]["path"]), "fp32"), torch.from_numpy(tokens))[0]
+    assert report.fp32_top1 == pytest.approx((ours == fp32.argmax(-1)).mean())
+    assert verify(exported("5.2"), steps=2, write=False).fp32_top1 is None  # reported for int8/int4 only

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import RWKVDeployError
 from ..runtime.manifest import write_json_atomic
+from .loop import stepwise_layers
 from .metrics import normalised
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,9 @@ class Report:
     method: str = ""  # how the references were computed, in words
     peak_rss: int = 0  # bytes: the process's peak resident memory when the report was made
     weights: dict = field(default_factory=dict)  # the step graph's initializers vs the checkpoint (check_weights)
+    # int8/int4: how often the export's free-running top token is the unquantized float32 model's (not gated:
+    # what quantization costs, beside the certificate that the export computes its quantized model right)
+    fp32_top1: float | None = None
 
     def modes(self):
         return (("free-running", self.free_running), ("teacher-forced", self.teacher_forced))
@@ -194,7 +198,7 @@ class Report:
                 "batch": self.batch, "reference": self.reference, "rule": self.gate.rule(), "gate": asdict(self.gate),
                 "largest_ratio": self.largest_ratio(), "failures": self.failures(), "notes": self.notes,
                 "seconds": self.seconds, "method": self.method, "peak_rss_bytes": self.peak_rss,
-                "weights": self.weights,
+                "weights": self.weights, "fp32_top1": self.fp32_top1,
                 **{key: {"summary": m.summary(self.gate), "per_step": asdict(m)}
                    for key, m in (("free_running", self.free_running), ("teacher_forced", self.teacher_forced))}}
 
@@ -214,6 +218,9 @@ class Report:
             bad = sum(len(self.weights[k]) for k in ("differ", "missing", "unexpected"))
             rows.append(f"weights: {self.weights['checked'] - bad} of {self.weights['checked']} step-graph "
                         "initializers byte-identical to the checkpoint's (as export prepares them)")
+        if self.fp32_top1 is not None:
+            rows.append(f"top-1 agreement with the unquantized float32 model (free-running, same tokens): "
+                        f"{self.fp32_top1:.1%} of {self.steps * self.batch} steps (reported, not gated)")
         rows.append(f"method: {self.method}; peak RSS {self.peak_rss / 1e9:.2f} GB")
         rows.append(f"rule: {self.gate.rule()}")
         rows.append(f"{'PASS' if self else 'FAIL'}: {self.steps} steps x batch {self.batch}, {self.precision} via "
@@ -384,6 +391,7 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
     from ..exporters.onnx_graph import state_io_names
     from ..models import load_checkpoint
     from ..models.model import at_precision
+    from ..models.quant import PRECISIONS
     from ..runtime.manifest import read_manifest
     from ..runtime.session import check_backend, open_session, torch_device
     from ..runtime.torch_session import TorchSession
@@ -430,6 +438,7 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
     tokens = np.random.default_rng(seed).integers(0, int(m["vocab_size"]), size=(steps, batch))
     free, forced = ModeResult(), ModeResult()
     B = batch
+    picks = np.zeros((steps, B), np.int64)  # the export's free-running top tokens
     with tempfile.TemporaryFile(prefix="rwkv-deploy-verify-") as spill:
         refs = References(exact, ref, tokens, Spill(spill), progress)
         s_ours = sess.init_state(batch)
@@ -444,15 +453,20 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
             so2 = s_rows.to_numpy()
             so2 = [so2[n] for n in names]  # in the references' order, for the state distances
             s_ours = sess.state_from_numpy({n: x[:B] for n, x in zip(names, so2)})
+            picks[t] = l_ours[:B].argmax(-1)
             free.add(l_ours[:B], l_ref[:B], l_exact, [x[:B] for x in so2], after, refs.state_free[t])
             forced.add(l_ours[B:], l_ref[B:], l_exact, [x[B:] for x in so2], after, refs.state_forced[t])
             if progress:
                 progress(t + 1, steps, "export, step by step")
             elif (t + 1) % 100 == 0:
                 log.info("verified %d/%d steps", t + 1, steps)
+    fp32_top1 = None
+    if PRECISIONS[m["precision"]][1] is not None:
+        unquantized = stepwise_layers(at_precision(ckpt, "fp32", lazy=True), torch.from_numpy(tokens.T.copy()))[0]
+        fp32_top1 = float((unquantized.argmax(-1).T == picks).mean())  # [B, T, V] -> [T, B]
     report = Report(m["precision"], sess.backend, steps, batch, gate, free, forced, time.time() - t0,
                     f"float64 and {m['precision']} PyTorch references of {Path(src).name}", notes, References.METHOD,
-                    peak_rss(), weights)
+                    peak_rss(), weights, fp32_top1)
     if write:
         _write(Path(folder) / "verify.json", report.to_json())
     if json_path:
