@@ -40,12 +40,21 @@ def run_bench(folder: Path, a, out: Path, against: bool) -> dict:
 
 def rwkvcpp(ckpt: Path, version: str, a, work: Path) -> dict[str, dict]:
     """{format: {decode_tok_s, prefill_tok_s}} from rwkv.cpp's own conversions of `ckpt`."""
-    root = Path(os.environ["RWKVCPP"]) / "src"
+    root = Path(os.environ["RWKVCPP"]).resolve() / "src"
+    work, ckpt = work.resolve(), ckpt.resolve()  # quantize.py runs in root, so relative paths (--dir speed) break
     binary = work / "bench_rwkvcpp"
     peers = Path(__file__).resolve().parents[2] / "shared" / "peers"
-    if not binary.exists():
-        subprocess.run(["cc", "-O2", "-o", str(binary), str(peers / "bench_rwkvcpp.c"), f"-I{root}",
-                        f"-L{root / 'build'}", "-lrwkv", f"-Wl,-rpath,{root / 'build'}", "-lm"], check=True)
+
+    def run(cmd: list[str], **kw) -> str:  # rwkv.cpp logs every tensor; show its output only when it fails
+        r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+        if r.returncode:
+            sys.stderr.write(r.stdout[-4000:] + r.stderr[-4000:])
+            raise subprocess.CalledProcessError(r.returncode, cmd)
+        return r.stdout
+
+    if not binary.exists() or binary.stat().st_mtime < (peers / "bench_rwkvcpp.c").stat().st_mtime:
+        run(["cc", "-O2", "-o", str(binary), str(peers / "bench_rwkvcpp.c"), f"-I{root}",
+             f"-L{root / 'build'}", "-lrwkv", f"-Wl,-rpath,{root / 'build'}", "-lm"])
     source = ckpt
     if version == "7":  # rwkv.cpp at the pinned commit cannot load layer 0's unused v0/v1/v2 (peers README)
         import torch
@@ -60,16 +69,14 @@ def rwkvcpp(ckpt: Path, version: str, a, work: Path) -> dict[str, dict]:
     for fmt in RWKVCPP_FORMATS:
         model = work / f"{ckpt.stem}-{fmt}.bin"
         if fmt in ("FP32", "FP16"):
-            subprocess.run([sys.executable, str(root / "python" / "convert_pytorch_to_ggml.py"), str(source),
-                            str(model), fmt], check=True, stdout=subprocess.DEVNULL)
+            run([sys.executable, str(root / "python" / "convert_pytorch_to_ggml.py"), str(source), str(model), fmt])
         else:
-            subprocess.run([sys.executable, "python/quantize.py", str(work / f"{ckpt.stem}-FP16.bin"), str(model),
-                            fmt], check=True, cwd=root, stdout=subprocess.DEVNULL)
+            run([sys.executable, "python/quantize.py", str(work / f"{ckpt.stem}-FP16.bin"), str(model), fmt],
+                cwd=root)
         threads = str(a.threads or os.cpu_count())
-        dec = subprocess.run([str(binary), str(model), threads, "decode", str(tokens), "8", str(a.tokens),
-                              str(a.repeats)], check=True, capture_output=True, text=True).stdout
-        pre = subprocess.run([str(binary), str(model), threads, "prefill", str(tokens), str(a.prompt_len),
-                              str(a.repeats), "64"], check=True, capture_output=True, text=True).stdout
+        dec = run([str(binary), str(model), threads, "decode", str(tokens), "8", str(a.tokens), str(a.repeats)])
+        pre = run([str(binary), str(model), threads, "prefill", str(tokens), str(a.prompt_len), str(a.repeats),
+                   "64"])
         out[fmt] = {"decode_tok_s": json.loads(dec.splitlines()[-1])["median"],
                     "prefill_tok_s": max(json.loads(x)["median"] for x in pre.splitlines() if x.startswith("{"))}
     return out
