@@ -107,6 +107,15 @@ def test_portable_engines_build_on_cpu(built, version, precision):
             {s.dtype for s in m.state} and "float16" in {s.dtype for s in m.state}
 
 
+@pytest.mark.parametrize("version, precision", [("4", "int8"), ("7", "int4")])
+def test_quantized_engines_build_on_cpu(built, version, precision):
+    """Blocked DequantizeLinear (opset 21) of int8 and int4 weights parses and builds; what TensorRT-RTX keeps
+    quantized inside the engine is its choice and is not checked here (no engine runs in this workplace)."""
+    folder = built(version, precision)
+    check_records(folder)
+    assert read_manifest(folder)["weights_dtype"] == precision
+
+
 @pytest.mark.parametrize("version, precision, op", [("4", "fp32", "WKV4"), ("5.2", "fp16", "WKV5"),
                                                     ("7", "fp16", "WKV7")])
 def test_fused_engines_build_with_the_plugin(exported, loader_link, tmp_path, version, precision, op):
