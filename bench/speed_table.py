@@ -5,7 +5,7 @@ Each export is timed by `rwkv-deploy bench` in its own process (peak RSS is then
 `bench --against rwkv` on the first export; rwkv.cpp through the peers' bench_rwkvcpp binary on FP32/FP16/Q8_0/Q4_0
 conversions of the same checkpoint. Decode tok/s at batch 1 and prefill tok/s of --prompt-len tokens, one table.
 
-    python bench/speed_table.py [--versions 4 7] [--precisions fp32 fp16 fp32-fused] [--tokens 64]
+    python bench/speed_table.py [--versions 4 7] [--precisions fp32 fp16 int8 int4 fp32-fused] [--tokens 64]
         [--prompt-len 256] [--repeats 5] [--threads 2] [--dir speed] [--json F] [--plot F.png]
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     add_model_args(ap)
     ap.add_argument("--versions", nargs="+", default=["4", "7"])
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "fp32-fused"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "int8", "int4", "fp32-fused"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
