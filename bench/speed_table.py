@@ -126,9 +126,43 @@ def main() -> None:
         Path(a.json).write_text(json.dumps([dict(zip(("version", "runtime", "decode_tok_s", "prefill_tok_s",
                                                       "floor_tok_s"), r)) for r in rows], indent=1))
     if a.plot:
-        from rwkv_deploy.bench import load_results, plot
+        Path(a.plot).write_bytes(plot_table(rows, a))
 
-        Path(a.plot).write_bytes(plot(load_results(results)))
+
+def plot_table(rows: list[tuple], a) -> bytes:
+    """Decode and prefill tok/s of every runtime in the table, side by side per version (PNG bytes)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    versions = list(dict.fromkeys(r[0] for r in rows))
+    names = list(dict.fromkeys(r[1] for r in rows))
+    color = {n: ("tab:blue" if n.startswith("rwkv-deploy") else "tab:gray" if "official" in n else "tab:orange")
+             for n in names}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for ax, col, what in ((axes[0], 2, "decode, batch 1"), (axes[1], 3, f"prefill of {a.prompt_len} tokens")):
+        width = 0.8 / len(names)
+        for j, n in enumerate(names):
+            xs = [i + j * width for i, v in enumerate(versions) for r in rows if r[0] == v and r[1] == n]
+            ys = [r[col] for v in versions for r in rows if r[0] == v and r[1] == n]
+            ax.bar(xs, ys, width, color=color[n], edgecolor="white")
+            for x, y in zip(xs, ys):
+                ax.text(x, y, n.replace("rwkv-deploy ", "").replace(" (official) fp32", ""), rotation=90,
+                        ha="center", va="bottom", fontsize=7)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(versions))], [f"RWKV-{v}" for v in versions])
+        ax.set_ylabel("tokens / s")
+        ax.set_title(what)
+        ax.margins(y=0.25)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:gray", "tab:orange")]
+    fig.legend(handles, ["rwkv-deploy (ONNX Runtime)", "rwkv (official package)", "rwkv.cpp"], loc="upper right")
+    fig.suptitle(f"{a.layers}x{a.embd} random checkpoints, vocab {a.vocab}, {os.cpu_count()} CPUs, one run")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
 
 if __name__ == "__main__":
     main()
