@@ -52,9 +52,6 @@ def test_int8_input_rounds_only_in_linear():
     x = torch.randn(3, 32)
     assert torch.equal(torch.nn.functional.linear(x, w), torch.nn.functional.linear(int8_blocks(x, 32), w.as_subclass(torch.Tensor)))
     assert type(w * 2) is torch.Tensor and type(torch.nn.functional.linear(x, w)) is torch.Tensor
-    lora = Int8Input.wrap(torch.randn(32, 8), 32)  # x @ W, W [in, out]
-    assert torch.equal(x @ lora, int8_blocks(x, 32) @ lora.as_subclass(torch.Tensor))
-    assert torch.equal(torch.matmul(x, lora), x @ lora) and not torch.equal(x @ lora, x @ lora.as_subclass(torch.Tensor))
 
 
 def _initializers(folder):
@@ -79,8 +76,6 @@ def test_quantized_export_checks_and_verifies(exported, version, precision):
         assert {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} == {"axis": 0, "block_size": 32}
         assert inits[n.input[0]].data_type == want and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT
     assert any(t.startswith("model.head") for t in q["tensors"])
-    if version in ("6", "7"):  # LoRA factors too, where their input width is whole blocks
-        assert any(t.endswith((".att.w1", ".att.time_decay_w1")) for t in q["tensors"]), q["tensors"]
     r = run_cli("check", out)
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
     report = verify(out, steps=12, batch=2, write=False)
@@ -104,11 +99,8 @@ def test_stored_integers_are_the_reference_weights(exported):
     q, s = inits[f"{name}~q"], inits[f"{name}~s"]  # [in, out] int values in [-7, 7], [in / 32, out]
     assert q.dtype != np.float32 and np.abs(q.astype(int)).max() <= 7
     dequant = q.astype(np.float32) * np.repeat(s, 32, axis=0)  # [in, out]
-    block = at_precision(load_checkpoint(m["source"]["path"]), "int4").blocks[1]
-    np.testing.assert_array_equal(dequant.T, block.ffn.key.weight.as_subclass(torch.Tensor).numpy())  # [out, in]
-    q, s = inits["model.blocks.1.att.w1~q"], inits["model.blocks.1.att.w1~s"]  # a LoRA factor: x @ W, W [in, out]
-    dequant = q.astype(np.float32) * np.repeat(s, 32, axis=0)
-    np.testing.assert_array_equal(dequant, block.att.w1.as_subclass(torch.Tensor).numpy())
+    ref = at_precision(load_checkpoint(m["source"]["path"]), "int4").blocks[1].ffn.key.weight  # [out, in]
+    np.testing.assert_array_equal(dequant.T, ref.as_subclass(torch.Tensor).numpy())
 
 
 def _stored_bytes(folder) -> dict:

@@ -225,10 +225,8 @@ class WeightWriter:
         import onnx
         from onnx import helper
 
-        # B of a MatMul: F.linear's weights come transposed (one folded Transpose), LoRA factors as they are
         folded = {rename[v]: w for v, (w, chain) in source.items() if v in rename and len(chain) == 1
                   and chain[0].op_type == "Transpose"}
-        folded.update({w: w for w in weights})
         consumers: dict[str, list] = {}
         for n in nodes:
             for i, x in enumerate(n.input):
@@ -273,9 +271,8 @@ class WeightWriter:
                 files.append((f, names))
             for weight, t in named_tensors:
                 for name, fold in self.uses.get(weight, []):
-                    if name in self.quantized:  # B [in, out] -> q [in, out] and scale [in/block, out]
-                        w = t.detach().cpu()  # F.linear's W [out, in] (B = W.T, folded) or a LoRA's B itself
-                        q, scale = self.quant.quantize(w if fold is not None else w.T)
+                    if name in self.quantized:  # W [out, in] -> q [in, out] and scale [in/block, out]
+                        q, scale = self.quant.quantize(t.detach().cpu())
                         self._emit(f"{name}~q", q.T.contiguous().numpy(), data, files, written, self.quant.bits)
                         self._emit(f"{name}~s", scale.T.contiguous().numpy(), data, files, written)
                         continue

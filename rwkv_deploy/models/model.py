@@ -107,7 +107,7 @@ class RWKV(nn.Module):
     def head_weight(self, rows=slice(None)) -> Tensor:
         head = self.ckpt.checked("head.weight")[rows]  # [V, C]
         if self.quant is not None and self.quant.applies("head", head.shape):  # blocks run along C: rows are free
-            return self.quant.weight("head", head, self.dtype)
+            return self.quant.weight(head, self.dtype)
         return head.to(self.dtype)
 
     def prepare_block(self, i: int) -> dict[str, Tensor]:
@@ -122,7 +122,7 @@ class RWKV(nn.Module):
             p["ffn.value.weight"] = p["ffn.value.weight"] / scale
         keep32 = V.fp32_keys | {"att.time_state"} if dtype == torch.float16 else frozenset()
         q = self.quant
-        return {k: q.weight(k, t, dtype) if q is not None and q.applies(k, t.shape) else
+        return {k: q.weight(t, dtype) if q is not None and q.applies(k, t.shape) else
                 t.to(torch.float32 if k in keep32 else dtype) for k, t in p.items()}
 
     def prepared_weights(self, on_layer=None):

@@ -12,8 +12,8 @@ at their precision does it too (`Int8Input`); the float64 model (exact math) com
 weights and exact inputs.
 
 The projections of every version (att receptance/key/value/output/gate, ffn key/value/receptance) and the head are
-quantized, and so are v6's and v7's LoRA factors (x @ W, W [in, out]: blocks along `in` there): together nearly all
-of a step's bytes. The embedding is stored in float16; mixing vectors, norms and v6's 3-D time_maa_w2 stay float32.
+quantized: they are nearly all of a step's bytes. The embedding is stored in float16; LoRA factors, mixing vectors
+and norms stay float32.
 """
 from __future__ import annotations
 
@@ -23,10 +23,7 @@ import torch
 from torch import Tensor
 
 QUANTIZED = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight", "att.gate.weight",
-             "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")  # W [out, in]: F.linear(x, W)
-# LoRA factors W [in, out], used as x @ W (v6, v7): a quarter of an int4 v7 step's bytes if left float32
-LORA = ("att.w1", "att.w2", "att.a1", "att.a2", "att.v1", "att.v2", "att.g1", "att.g2",
-        "att.time_maa_w1", "att.time_decay_w1", "att.time_decay_w2")
+             "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 
 
 @dataclass(frozen=True)
@@ -39,13 +36,8 @@ class Quant:
         return 2 ** (self.bits - 1) - 1
 
     def applies(self, key: str, shape) -> bool:
-        """Whether the model weight `key` (a layer's "att.key.weight", or "head") is stored quantized: blocks run
-        along its input axis (1 of F.linear's weights, 0 of a LoRA factor)."""
-        if len(shape) != 2:
-            return False
-        if key in LORA:
-            return shape[0] % self.block == 0
-        return (key == "head" or key in QUANTIZED) and shape[1] % self.block == 0
+        """Whether the model weight `key` (a layer's "att.key.weight", or "head") is stored quantized."""
+        return (key == "head" or key in QUANTIZED) and len(shape) == 2 and shape[1] % self.block == 0
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """w [out, in] -> (q int8 [out, in], scale float32 [out, in / block])."""
@@ -69,10 +61,9 @@ class Quant:
         bytes on disk only; float16 halves them exactly and every runtime reads it)."""
         return emb.to(torch.float16).to(dtype)
 
-    def weight(self, key: str, w: Tensor, dtype: torch.dtype) -> Tensor:
-        """Weight `key` as a model at `dtype` holds it: dequantized; below float64 also rounding its inputs
-        (Int8Input)."""
-        w = (self.round_trip(w.T).T if key in LORA else self.round_trip(w)).to(dtype)
+    def weight(self, w: Tensor, dtype: torch.dtype) -> Tensor:
+        """w as a model at `dtype` holds it: dequantized; below float64 also rounding its inputs (Int8Input)."""
+        w = self.round_trip(w).to(dtype)
         return w if dtype == torch.float64 else Int8Input.wrap(w, self.block)
 
 
@@ -84,12 +75,9 @@ def int8_blocks(x: Tensor, block: int) -> Tensor:
     return (torch.round(b / scale) * scale).reshape(x.shape)
 
 
-LINEAR = (torch.nn.functional.linear, torch.matmul, Tensor.matmul, Tensor.__matmul__)  # F.linear(x, W), x @ W
-
-
 class Int8Input(Tensor):
-    """A dequantized weight whose products (F.linear(x, W), x @ W) first round x with int8_blocks, as ONNX
-    Runtime's MatMulNBits does at its default accuracy level. Every other op sees a plain tensor and returns one."""
+    """A dequantized weight whose F.linear first rounds its input with int8_blocks, as ONNX Runtime's MatMulNBits
+    does at its default accuracy level. Every other op sees a plain tensor and returns one."""
 
     block: int
 
@@ -103,7 +91,7 @@ class Int8Input(Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
-            if func in LINEAR and len(args) > 1 and isinstance(args[1], Int8Input):
+            if func is torch.nn.functional.linear and isinstance(args[1], Int8Input):
                 x, w = args[0], args[1]
                 return func(int8_blocks(x, w.block), w.as_subclass(Tensor), *args[2:], **kwargs)
             return func(*args, **kwargs)
