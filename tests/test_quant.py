@@ -142,3 +142,19 @@ def test_report_gives_top1_agreement_with_the_unquantized_model(exported):
     fp32 = stepwise(at_precision(load_checkpoint(m["source"]["path"]), "fp32"), torch.from_numpy(tokens))[0]
     assert report.fp32_top1 == pytest.approx((ours == fp32.argmax(-1)).mean())
     assert verify(exported("5.2"), steps=2, write=False).fp32_top1 is None  # reported for int8/int4 only
+
+
+def test_the_reference_keeps_rounding_when_moved_and_both_models_hold_one_embedding(make_ckpt):
+    """nn.Module.to(device) rebuilds every buffer: the quantized weights must still round their inputs there (the
+    torch backend on a GPU), and the float64 model must hold the float16 table the export stores (v7 folds ln0 in
+    float32 for it, not in float64)."""
+    from rwkv_deploy.models import load_checkpoint
+    from rwkv_deploy.models.model import at_precision
+
+    ckpt = load_checkpoint(make_ckpt("7"))
+    ref = at_precision(ckpt, "int8")
+    moved = ref.to("meta")  # a device without data: what .to("cuda") does to the buffers, without a GPU
+    assert isinstance(moved.blocks[0].att.key.weight, Int8Input) and isinstance(moved.head, Int8Input)
+    exact = at_precision(load_checkpoint(make_ckpt("7")), "int8", exact=True)
+    assert exact.emb.dtype == torch.float64
+    assert torch.equal(exact.emb, at_precision(ckpt, "int8").emb.double())

@@ -121,9 +121,9 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
                      progress=progress and (lambda i, n: progress(i, n, "writing weights")))
         for file in files.values():
             onnx.checker.check_model(str(tmp / file))  # by path: works past 2 GiB
-        writer_quantized = writer.quantized
+        writer_quantized, written = writer.quantized, writer.bytes_written  # int8/int4: fewer than traced
         del writer
-        log.info("[2/4] %.2f GB of weights written%s (golden tokens replayed alongside) in %.1fs", weight_bytes / 1e9,
+        log.info("[2/4] %.2f GB of weights written%s (golden tokens replayed alongside) in %.1fs", written / 1e9,
                  f" to {WEIGHTS_FILE}" if external else "", time.time() - t1)
         _phase(progress, 3, "golden logits (float64 reference)")
         state = _state_entries(model, tmp)

@@ -238,12 +238,14 @@ class WeightWriter:
         # a table only Gather reads costs a row per token, not its bytes: float16 halves the folder at no speed
         tables = {w for w in weights if consumers.get(w) and all(c == ("Gather", 0) for c in consumers[w])}
         self.halved |= tables
-        out = []
+        out, dequantized = [], set()
         for n in nodes:
             name = n.input[1] if n.op_type == "MatMul" else None
             if name in picked:
-                out.append(helper.make_node("DequantizeLinear", [f"{name}~q", f"{name}~s"], [f"{name}~dq"],
-                                            axis=0, block_size=self.quant.block))
+                if name not in dequantized:  # once per weight, however many products read it
+                    dequantized.add(name)
+                    out.append(helper.make_node("DequantizeLinear", [f"{name}~q", f"{name}~s"], [f"{name}~dq"],
+                                                axis=0, block_size=self.quant.block))
                 n.input[1] = f"{name}~dq"
             out.append(n)
             if n.op_type == "Gather" and n.input[0] in tables:  # float16 rows -> float32 activations

@@ -101,6 +101,8 @@ class RWKV(nn.Module):
         does (spec §8.4). LayerNorm is per row: a row folded alone equals that row of the folded table."""
         emb, ln0w, ln0b = (self.ckpt.checked(k) for k in ("emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias"))
         fold = emb.dtype if self.version.ln0_in_storage_dtype else self._work
+        if self.quant is not None and not self.version.ln0_in_storage_dtype:
+            fold = torch.float32  # int8/int4 store this float32 fold in float16: float64 holds the same table
         emb = F.layer_norm(emb[rows].to(fold), (self.dims.n_embd,), ln0w.to(fold), ln0b.to(fold), 1e-5)
         return emb.to(self.dtype) if self.quant is None else self.quant.table(emb, self.dtype)
 

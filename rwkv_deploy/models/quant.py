@@ -75,9 +75,13 @@ def int8_blocks(x: Tensor, block: int) -> Tensor:
     return (torch.round(b / scale) * scale).reshape(x.shape)
 
 
+MOVES = (Tensor.to, Tensor.cuda, Tensor.cpu)  # a model moved to a device keeps computing as the export does
+
+
 class Int8Input(Tensor):
     """A dequantized weight whose F.linear first rounds its input with int8_blocks, as ONNX Runtime's MatMulNBits
-    does at its default accuracy level. Every other op sees a plain tensor and returns one."""
+    does at its default accuracy level. Moving it (.to(device), .cuda(), .cpu(), so nn.Module.to too) keeps the
+    wrapper; every other op sees a plain tensor and returns one."""
 
     block: int
 
@@ -94,7 +98,10 @@ class Int8Input(Tensor):
             if func is torch.nn.functional.linear and isinstance(args[1], Int8Input):
                 x, w = args[0], args[1]
                 return func(int8_blocks(x, w.block), w.as_subclass(Tensor), *args[2:], **kwargs)
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+        if func in MOVES and isinstance(args[0], Int8Input) and out.dtype == args[0].dtype:
+            return Int8Input.wrap(out, args[0].block)
+        return out
 
 
 QUANTS = {"int8": Quant(8), "int4": Quant(4)}

@@ -120,6 +120,8 @@ def _unit_lower_inverse(L: Tensor, c: int) -> Tensor:
     Every intermediate is a block of the true inverse, so nothing grows; the Neumann product
     (I + L)(I + L²)(I + L⁴)… sums powers of L whose entries do grow (binomially, when keys repeat) and cancel.
     """
+    if c < 1 or c & (c - 1):
+        raise ValueError(f"chunk {c} is not a power of 2")
     i = torch.arange(c, device=L.device)
     row, col = i.unsqueeze(1), i.unsqueeze(0)  # [c, 1], [1, c]
     X = torch.eye(c, dtype=L.dtype, device=L.device)  # the inverse of the 1 x 1 blocks

@@ -93,6 +93,9 @@ class OnnxSession(Session):
             opts.intra_op_num_threads = threads
         if spinning is not None:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if self.manifest.get("quantization"):  # what int8/int4 certificates assume (docs/precision.md), said
+            # rather than left to ONNX Runtime's default: MatMulNBits rounds each product's input to int8
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
         self.providers = resolve_providers(providers)
         self._register_library(opts)
         self._step = self._open(ort, "step", opts)

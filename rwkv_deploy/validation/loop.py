@@ -61,6 +61,14 @@ class LayerReplay:
             logits = np.stack([_float64(y[:, 0]) for y in self.model.logits_each(self.xs)], 1)
         return logits, self.new
 
+    def top1(self, chunk: int = 64) -> np.ndarray:
+        """The top token of every position [B, T], the logits made `chunk` positions at a time: a long stream's
+        logits (T x V float64) need not fit in memory."""
+        with self.torch.no_grad():
+            picks = [y[:, 0].argmax(-1).cpu().numpy() for a in range(0, len(self.xs), chunk)
+                     for y in self.model.logits_each(self.xs[a:a + chunk])]
+        return np.stack(picks, 1)
+
 
 def _float64(x) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor, possibly on a GPU; torch itself is not imported here
