@@ -20,7 +20,7 @@ import torch
 
 from ..errors import RWKVDeployError
 from ..runtime.manifest import write_json_atomic
-from .loop import LayerReplay
+from .loop import replay_layers
 from .metrics import normalised
 
 log = logging.getLogger(__name__)
@@ -462,11 +462,8 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
                 log.info("verified %d/%d steps", t + 1, steps)
     fp32_top1 = None
     if PRECISIONS[m["precision"]][1] is not None:
-        unquantized = at_precision(ckpt, "fp32", lazy=True)
-        replay = LayerReplay(unquantized, torch.from_numpy(tokens.T.copy()))  # [B, T]
-        for i, blk in enumerate(unquantized.blocks):
-            replay.layer(i, blk)
-        fp32_top1 = float((replay.top1().T == picks).mean())  # [B, T] -> [T, B]
+        unquantized = replay_layers(at_precision(ckpt, "fp32", lazy=True), torch.from_numpy(tokens.T.copy()))
+        fp32_top1 = float((unquantized.top1().T == picks).mean())  # [B, T] -> [T, B]
     report = Report(m["precision"], sess.backend, steps, batch, gate, free, forced, time.time() - t0,
                     f"float64 and {m['precision']} PyTorch references of {Path(src).name}", notes, References.METHOD,
                     peak_rss(), weights, fp32_top1)

@@ -20,19 +20,19 @@ def stepwise(model, tokens, state=None):
     return np.stack(rows, 1), state
 
 
-def stepwise_layers(model, tokens, state=None):
-    """What `stepwise(model, tokens, state)` returns for our torch reference, computed layer by layer: layer i runs
-    every token (one at a time, its state carried) before layer i+1 starts, so a lazy model (RWKV(..., lazy=True))
-    prepares each layer's weights once and holds one layer at a time. The same per-token arithmetic as
-    model.step, so the same numbers."""
+def replay_layers(model, tokens, state=None) -> LayerReplay:
+    """`stepwise(model, tokens, state)` for our torch reference, computed layer by layer (`.result()` gives what
+    stepwise returns, `.top1()` only the top tokens): layer i runs every token (one at a time, its state carried)
+    before layer i+1 starts, so a lazy model (RWKV(..., lazy=True)) prepares each layer's weights once and holds one
+    layer at a time. The same per-token arithmetic as model.step, so the same numbers."""
     replay = LayerReplay(model, tokens, state)
     for i, blk in enumerate(model.blocks):
         replay.layer(i, blk)
-    return replay.result()
+    return replay
 
 
 class LayerReplay:
-    """stepwise_layers with the caller handing over each layer's weights, in order: `layer(i, blk)` for i = 0..L-1,
+    """replay_layers with the caller handing over each layer's weights, in order: `layer(i, blk)` for i = 0..L-1,
     then `result()`. An export feeds it the layers it is writing, so the checkpoint is read once."""
 
     def __init__(self, model, tokens, state=None):
