@@ -4,9 +4,12 @@ official package, and rwkv.cpp when RWKVCPP points at a local build of it (../sh
 Each export is timed by `rwkv-deploy bench` in its own process (peak RSS is then its own); the official package by
 `bench --against rwkv` on the first export; rwkv.cpp through the peers' bench_rwkvcpp binary on FP32/FP16/Q8_0/Q4_0
 conversions of the same checkpoint. Decode tok/s at batch 1 and prefill tok/s of --prompt-len tokens, one table.
+The machine's speed can drift over a run of many minutes, so every runtime is timed once per round, --rounds
+times in turn: the table gives medians over rounds, and the ratios the issue asks for are taken within each round
+(runtimes minutes apart at most) before their median is reported.
 
     python bench/speed_table.py [--versions 4 7] [--precisions fp32 fp16 int8 int4 fp32-fused] [--tokens 64]
-        [--prompt-len 256] [--repeats 5] [--threads 2] [--dir speed] [--json F] [--plot F.png]
+        [--prompt-len 256] [--repeats 3] [--rounds 3] [--threads 2] [--dir speed] [--json F] [--plot F.png]
 """
 from __future__ import annotations
 
@@ -68,7 +71,9 @@ def rwkvcpp(ckpt: Path, version: str, a, work: Path) -> dict[str, dict]:
     out = {}
     for fmt in RWKVCPP_FORMATS:
         model = work / f"{ckpt.stem}-{fmt}.bin"
-        if fmt in ("FP32", "FP16"):
+        if model.exists():
+            pass  # converted in an earlier round (or run)
+        elif fmt in ("FP32", "FP16"):
             run([sys.executable, str(root / "python" / "convert_pytorch_to_ggml.py"), str(source), str(model), fmt])
         else:
             run([sys.executable, "python/quantize.py", str(work / f"{ckpt.stem}-FP16.bin"), str(model), fmt],
@@ -82,22 +87,9 @@ def rwkvcpp(ckpt: Path, version: str, a, work: Path) -> dict[str, dict]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    add_model_args(ap)
-    ap.add_argument("--versions", nargs="+", default=["4", "7"])
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "int8", "int4", "fp32-fused"])
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int)
-    ap.add_argument("--dir", default="speed")
-    ap.add_argument("--json")
-    ap.add_argument("--plot")
-    a = ap.parse_args()
-    work = Path(a.dir)
-    work.mkdir(exist_ok=True)
-    rows, results = [], []
+def one_round(a, work: Path) -> list[tuple]:
+    """(version, runtime, decode tok/s, prefill tok/s, floor tok/s) of every runtime, each timed once in turn."""
+    rows = []
     for v in a.versions:
         ckpt = work / f"v{v}-{a.layers}x{a.embd}.pth"
         if not ckpt.exists():
@@ -108,23 +100,106 @@ def main() -> None:
                 subprocess.run([*CLI, "export", str(ckpt), "-o", str(folder), "--force", *export_args(variant)],
                                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             r = run_bench(folder, a, work / f"v{v}-{variant}.json", against=i == 0)
-            results.append(work / f"v{v}-{variant}.json")
             rows.append((v, f"rwkv-deploy {variant}", r["decode_tok_s"], r["prefill_tok_s"], r["floor_tok_s"]))
             for peer, p in r["peers"].items():
                 rows.append((v, f"{peer} (official) fp32", p["decode_tok_s"], p["prefill_tok_s"], None))
         if os.environ.get("RWKVCPP"):
             for fmt, p in rwkvcpp(ckpt, v, a, work).items():
                 rows.append((v, f"rwkv.cpp {fmt}", p["decode_tok_s"], p["prefill_tok_s"], None))
+    return rows
+
+
+def median_rows(rounds: list[list[tuple]]) -> list[tuple]:
+    """Each runtime's median over the rounds."""
+    import statistics
+
+    out = []
+    for k, row in enumerate(rounds[0]):
+        cols = [[r[k][c] for r in rounds] for c in (2, 3, 4)]
+        out.append((*row[:2], *(statistics.median(x) if x[0] is not None else None for x in cols)))
+    return out
+
+
+# The issue's targets, as (label, ours, theirs, column): ratios are taken within each round, then the median of
+# the rounds reported, so that the machine's drift over a long run cancels (each pair ran minutes apart at most).
+RATIOS = [("int8 decode / rwkv.cpp Q8_0", "rwkv-deploy int8", "rwkv.cpp Q8_0", 2),
+          ("int4 decode / rwkv.cpp Q4_0", "rwkv-deploy int4", "rwkv.cpp Q4_0", 2),
+          ("int8 decode / official fp32", "rwkv-deploy int8", "rwkv (official) fp32", 2),
+          ("int4 decode / official fp32", "rwkv-deploy int4", "rwkv (official) fp32", 2),
+          ("fp16 decode / fp32 decode", "rwkv-deploy fp16", "rwkv-deploy fp32", 2),
+          ("fp32 decode / floor", "rwkv-deploy fp32", "rwkv-deploy fp32", 4),
+          ("portable prefill / best peer", "rwkv-deploy fp32", None, 3),
+          ("fused prefill / best peer", "rwkv-deploy fp32-fused", None, 3)]
+
+
+def ratios(rounds: list[list[tuple]], versions: list[str]) -> list[tuple[str, str, list[float]]]:
+    """(version, label, per-round ratios) for each target whose runtimes ran."""
+    out = []
+    for v in versions:
+        for label, ours, theirs, col in RATIOS:
+            per = []
+            for rows in rounds:
+                by = {r[1]: r for r in rows if r[0] == v}
+                if ours not in by:
+                    break
+                if theirs is None:  # the best of the peers
+                    peers = [r[col] for n, r in by.items() if not n.startswith("rwkv-deploy")]
+                    if not peers:
+                        break
+                    per.append(by[ours][col] / max(peers))
+                elif theirs in by and by[theirs][col]:
+                    mine = by[ours][2] if col == 4 else by[ours][col]  # vs floor: decode over floor tok/s
+                    per.append(mine / by[theirs][col])
+                else:
+                    break
+            if per:
+                out.append((v, label, per))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_model_args(ap)
+    ap.add_argument("--versions", nargs="+", default=["4", "7"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "int8", "int4", "fp32-fused"])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per runtime per round (median)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="times through every runtime in turn; figures are medians over rounds (default 3)")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--dir", default="speed")
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    a = ap.parse_args()
+    work = Path(a.dir)
+    work.mkdir(exist_ok=True)
+    rounds = []
+    for k in range(a.rounds):
+        print(f"round {k + 1}/{a.rounds}", file=sys.stderr, flush=True)
+        rounds.append(one_round(a, work))
+    rows = median_rows(rounds)
     print(f"batch 1, {a.layers}x{a.embd}, vocab {a.vocab}, decode over {a.tokens} steps, prefill of {a.prompt_len} "
-          f"tokens, medians of {a.repeats}; floor = weight bytes per step / measured bandwidth")
+          f"tokens; medians of {a.repeats} repeats per round, then of {a.rounds} rounds (every runtime in turn); "
+          "floor = weight bytes per step / measured bandwidth")
     print(f"{'ver':<4}{'runtime':<28}{'decode tok/s':>13}{'prefill tok/s':>15}{'floor tok/s':>12}")
     for v, name, dec, pre, floor in rows:
         print(f"{v:<4}{name:<28}{dec:>13.1f}{pre:>15.1f}{floor or float('nan'):>12.1f}")
     if not os.environ.get("RWKVCPP"):
         print("(rwkv.cpp not run: set RWKVCPP to a build from ../shared/peers/build_rwkvcpp.sh)")
+    found = ratios(rounds, a.versions)
+    if found:
+        print("\nratios within each round (median, and the rounds' range):")
+        for v, label, per in found:
+            import statistics
+
+            print(f"v{v:<3}{label:<32}{statistics.median(per):6.2f}   ({min(per):.2f} - {max(per):.2f})")
     if a.json:
-        Path(a.json).write_text(json.dumps([dict(zip(("version", "runtime", "decode_tok_s", "prefill_tok_s",
-                                                      "floor_tok_s"), r)) for r in rows], indent=1))
+        Path(a.json).write_text(json.dumps({
+            "rows": [dict(zip(("version", "runtime", "decode_tok_s", "prefill_tok_s", "floor_tok_s"), r)) for r in rows],
+            "rounds": [[dict(zip(("version", "runtime", "decode_tok_s", "prefill_tok_s", "floor_tok_s"), r))
+                        for r in rs] for rs in rounds],
+            "ratios": [{"version": v, "ratio": label, "per_round": per} for v, label, per in found]}, indent=1))
     if a.plot:
         Path(a.plot).write_bytes(plot_table(rows, a))
 
@@ -158,7 +233,8 @@ def plot_table(rows: list[tuple], a) -> bytes:
         ax.margins(y=0.25)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:gray", "tab:orange")]
     fig.legend(handles, ["rwkv-deploy (ONNX Runtime)", "rwkv (official package)", "rwkv.cpp"], loc="upper right")
-    fig.suptitle(f"{a.layers}x{a.embd} random checkpoints, vocab {a.vocab}, {os.cpu_count()} CPUs, one run")
+    fig.suptitle(f"{a.layers}x{a.embd} random checkpoints, vocab {a.vocab}, {os.cpu_count()} CPUs, "
+                 f"medians of {a.rounds} rounds")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

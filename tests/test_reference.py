@@ -121,7 +121,7 @@ def test_chunked_wkv4_equals_token_loop(T, fresh):
 @pytest.mark.parametrize("T", [2, 16, 17, 40])
 def test_chunked_wkv5_equals_token_loop(T):
     """run_wkv5 takes 16-token chunks in matrix form; in float64 it must equal the token-by-token cell."""
-    from rwkv_deploy.models.wkv import run_wkv5, wkv5
+    from rwkv_deploy.models.wkv import run_wkv5, step_wkv5
 
     B, H, N = 2, 3, 8
     g = torch.Generator().manual_seed(T)
@@ -131,6 +131,6 @@ def test_chunked_wkv5_equals_token_loop(T):
     S = torch.randn(B, H, N, N, generator=g, dtype=torch.float64)
     y, S_chunked = run_wkv5(r, k, v, w, u, S)
     for t in range(T):
-        y_t, S = wkv5(r[:, t], k[:, t], v[:, t], w[:, t], u, S)
-        assert torch.allclose(y[:, t], y_t, atol=1e-10)
+        y_t, S = step_wkv5(r[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], w[:, t:t + 1], u, S)
+        assert torch.allclose(y[:, t:t + 1], y_t, atol=1e-10)
     assert torch.allclose(S_chunked, S, atol=1e-10)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from rwkv_deploy import export, open_session
 from rwkv_deploy.models.synthetic import make_checkpoint, save_checkpoint
 from rwkv_deploy.models.v7 import DECAY_SCALE
-from rwkv_deploy.models.wkv import CHUNK, run_wkv7, wkv7
+from rwkv_deploy.models.wkv import CHUNK, run_wkv7, step_wkv7
 
 torch.set_grad_enabled(False)
 
@@ -35,9 +35,9 @@ def v7_inputs(B, T, H=4, N=64, seed=0, repeated=False):
 def token_loop(r, w, k, v, a, b, S):
     ys = []
     for t in range(r.shape[1]):
-        y, S = wkv7(r[:, t], w[:, t], k[:, t], v[:, t], a[:, t], b[:, t], S)
+        y, S = step_wkv7(*(x[:, t:t + 1] for x in (r, w, k, v, a, b)), S)
         ys.append(y)
-    return torch.stack(ys, 1), S
+    return torch.cat(ys, 1), S
 
 
 def rel(x, ref):

@@ -192,15 +192,23 @@ class RWKV(nn.Module):
         ops = self.step_ops if single_step else self.wkv_ops
         st = dict(zip(self.kinds, state))
         xx = layer_norm(x, blk.ln1)  # [B, T, C]
-        sx = torch.cat([st["att_x"].unsqueeze(1), xx[:, :-1]], 1)  # token shift: previous normalised input
+        sx = self.shift(st["att_x"], xx, single_step)  # token shift: previous normalised input
         out, wkv_state, carry = self.version.time_mix(blk.att, xx, sx, st, carry, ops)
         x = x + out
         xf = layer_norm(x, blk.ln2)  # [B, T, C]
-        sf = torch.cat([st["ffn_x"].unsqueeze(1), xf[:, :-1]], 1)
+        sf = self.shift(st["ffn_x"], xf, single_step)
         x = x + self.version.channel_mix(blk.ffn, xf, sf)
         if self.rescale_every and (i + 1) % self.rescale_every == 0:
             x = x / 2  # keeps fp16 from overflowing; weights were pre-divided to match (spec §8.1)
         return x, [xx[:, -1], *(wkv_state[k] for k in self.kinds[1:-1]), xf[:, -1]], carry
+
+    @staticmethod
+    def shift(last: Tensor, x: Tensor, single_step: bool) -> Tensor:
+        """Token shift: x [B, T, C] moved one token later, `last` [B, C] (the state) first. A step graph gets the
+        state alone, so T stays a static 1 there (x[:, :-1] would leave T unknown to shape inference)."""
+        if single_step:
+            return last.unsqueeze(1)  # [B, 1, C]
+        return torch.cat([last.unsqueeze(1), x[:, :-1]], 1)  # [B, T, C]
 
     def logits(self, x: Tensor) -> Tensor:
         """x [B, T, C] after the last layer -> logits [B, T, V], float32 (float64 for a float64 model)."""

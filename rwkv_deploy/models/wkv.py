@@ -43,25 +43,30 @@ def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp:
     return wkv, e1 * aa + e2 * v, e1 * bb + e2, p
 
 
+def _col(x: Tensor) -> Tensor:
+    return x.transpose(-1, -2)  # a row [..., 1, N] as a column [..., N, 1]
+
+
 def wkv5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor) -> Tuple[Tensor, Tensor]:
     """RWKV-5.x/6 (spec §5.2, §5.3): linear attention with per-key-channel decay and a bonus for the current token.
 
-    r, k, v [B, H, N]; w decay in (0, 1) [B, H, N]; u [H, N]; S [B, H, N(key), N(value)].
-    The output reads the OLD state. Returns y [B, H, N] and the new S.
+    r, k, v [B, H, 1, N]: one token, each a row; w decay in (0, 1) [B, H, 1, N]; u [H, N];
+    S [B, H, N(key), N(value)]. The output reads the OLD state. Returns y [B, H, 1, N] and the new S.
     """
-    kv = k.unsqueeze(-1) * v.unsqueeze(-2)  # [B, H, N, N]
-    y = (r.unsqueeze(-2) @ (u.unsqueeze(-1) * kv + S)).squeeze(-2)  # [B, H, N]
-    return y, kv + w.unsqueeze(-1) * S
+    # y = r (u kᵀv + S) with the bonus as (r·u·k) v: S and kᵀv are each read once, not summed into a third matrix
+    y = r @ S + (r * u.unsqueeze(-2) * k).sum(-1, keepdim=True) * v  # [B, H, 1, N]
+    return y, _col(k) @ v + _col(w) * S
 
 
 def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor) -> Tuple[Tensor, Tensor]:
     """RWKV-7 generalised delta rule (spec §5.4): S' = S·diag(w) + (S a) bᵀ + v kᵀ, y = S' r.
 
-    r, w, k, v, a, b [B, H, N]; S [B, H, N(value), N(key)]. v7 uses a = -kk and b = kk*a_rate.
-    The output reads the UPDATED state. Returns y [B, H, N] and the new S.
+    r, w, k, v, a, b [B, H, 1, N]: one token, each a row; S [B, H, N(value), N(key)]. v7 uses a = -kk and
+    b = kk*a_rate. The output reads the UPDATED state. Returns y [B, H, N, 1] (a column) and the new S.
     """
-    S = S * w.unsqueeze(-2) + (S @ a.unsqueeze(-1)) * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
-    return (S @ r.unsqueeze(-1)).squeeze(-1), S  # [B, H, N], [B, H, N, N]
+    # both rank-1 updates as one [N, 2] x [2, N] product: three passes over an N x N state, not five
+    S = S * w + torch.cat([S @ _col(a), _col(v)], -1) @ torch.cat([b, k], -2)  # [B, H, N, N]
+    return S @ _col(r), S
 
 
 def wkv4_chunk(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor
@@ -293,10 +298,14 @@ def run_wkv4(w, u, k, v, aa, bb, pp):
     return y, (aa, bb, pp)
 
 
+def _rows(x: Tensor) -> Tensor:
+    return x.transpose(1, 2)  # [B, 1, H, N] -> [B, H, 1, N]: one token's heads as rows (moves no data)
+
+
 def step_wkv5(r, k, v, w, u, S):
     """r, k, v, w [B, 1, H, N] -> y [B, 1, H, N], S."""
-    y, S = wkv5(r[:, 0], k[:, 0], v[:, 0], w[:, 0], u, S)
-    return y.unsqueeze(1), S
+    y, S = wkv5(_rows(r), _rows(k), _rows(v), _rows(w), u, S)
+    return _rows(y), S
 
 
 def run_wkv5(r, k, v, w, u, S):
@@ -306,8 +315,8 @@ def run_wkv5(r, k, v, w, u, S):
 
 def step_wkv7(r, w, k, v, a, b, S):
     """r, w, k, v, a, b [B, 1, H, N] -> y [B, 1, H, N], S."""
-    y, S = wkv7(r[:, 0], w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], S)
-    return y.unsqueeze(1), S
+    y, S = wkv7(*(_rows(x) for x in (r, w, k, v, a, b)), S)  # y [B, H, N, 1]
+    return y.permute(0, 3, 1, 2), S
 
 
 def run_wkv7(r, w, k, v, a, b, S):
