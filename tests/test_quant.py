@@ -74,7 +74,10 @@ def test_quantized_export_checks_and_verifies(exported, version, precision):
     assert len(dq) == len(q["tensors"]) >= 6 * m["n_layer"] + 1
     for n in dq:
         assert {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} == {"axis": 0, "block_size": 32}
-        assert inits[n.input[0]].data_type == want and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT
+        head = n.input[0].startswith("model.head")  # int4 exports keep the head at int8
+        assert inits[n.input[0]].data_type == (onnx.TensorProto.INT8 if head else want)
+        assert inits[n.input[1]].data_type == onnx.TensorProto.FLOAT
+    assert ("head int8" in q["method"]) == (precision == "int4")
     assert any(t.startswith("model.head") for t in q["tensors"])
     r = run_cli("check", out)
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
@@ -111,7 +114,7 @@ def _stored_bytes(folder) -> dict:
 
 def test_folder_sizes_shrink(make_ckpt, tmp_path):
     """The quantized matrices take 1 + 1/8 (int8) and 1/2 + 1/8 (int4) bytes a weight, a float32 scale per block
-    of 32: 0.5625 and 0.3125 of fp16's bytes; whole folders shrink in that order."""
+    of 32: 0.5625 and 0.3125 of fp16's bytes (int4's head at int8: 0.5625); whole folders shrink in that order."""
     from rwkv_deploy import export
 
     ckpt = make_ckpt("7", n_layer=2, n_embd=256, head_size=64, vocab_size=512)
@@ -122,7 +125,9 @@ def test_folder_sizes_shrink(make_ckpt, tmp_path):
     for p, ratio in (("int8", 0.5625), ("int4", 0.3125)):
         stored = _stored_bytes(out[p])
         names = json.loads((out[p] / "manifest.json").read_text())["quantization"]["tensors"]
-        assert sum(stored[f"{n}~q"] + stored[f"{n}~s"] for n in names) / sum(half[n] for n in names) == ratio
+        for n in names:
+            want = 0.5625 if n.startswith("model.head") else ratio
+            assert (stored[f"{n}~q"] + stored[f"{n}~s"]) / half[n] == want, n
 
 
 def test_report_gives_top1_agreement_with_the_unquantized_model(exported):

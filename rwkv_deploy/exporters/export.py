@@ -147,7 +147,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
             "vocab_size": d.vocab_size, "precision": precision,
             "weights_dtype": precision if quant else NP_DTYPE[dtype], "compute_dtype": NP_DTYPE[dtype],
             "quantization": quant and {
-                "method": f"blockwise symmetric int{quant.bits} (DequantizeLinear, opset 21)",
+                "method": quant.describe(),
                 "block_size": quant.block, "tensors": sorted(writer_quantized),
                 # what ONNX Runtime's fused MatMulNBits does by default and the certificate's reference too
                 "activations": f"int8, symmetric per block of {quant.block} along each product's input"},
@@ -249,12 +249,11 @@ def _find_tokenizer(ckpt, given) -> tuple[Path | None, dict | None]:
 
 
 def _quantizable(quant):
-    """quantizable(initializer name, shape) for WeightWriter: the layers' projections and the head."""
-    def pick(name: str, shape) -> bool:
-        if name == "model.head":
-            return quant.applies("head", shape)
-        parts = name.split(".", 3)  # model.blocks.<i>.<key>
-        return parts[:2] == ["model", "blocks"] and quant.applies(parts[3], shape)
+    """quantizable(initializer name, shape) -> the Quant it is stored with, or None, for WeightWriter: the layers'
+    projections and the head."""
+    def pick(name: str, shape):
+        key = "head" if name == "model.head" else name.split(".", 3)[3] if name.startswith("model.blocks.") else ""
+        return quant.of(key) if key and quant.applies(key, shape) else None
     return pick
 
 

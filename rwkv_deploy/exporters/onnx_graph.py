@@ -226,10 +226,11 @@ class WeightWriter:
         self.graphs = []  # (ModelProto without weights, initializer names it uses, file to write)
         self.uses: dict[str, list[tuple[str, object]]] = {}  # weight -> [(initializer name, fold model or None)]
         self.bytes_written = 0
-        # int8/int4 exports: quant (models.quant.Quant) and quantizable(weight name, shape) -> bool pick the
-        # projections that a MatMul takes transposed; they are stored as q and scale behind a DequantizeLinear
+        # int8/int4 exports: quant (models.quant.Quant) and quantizable(weight name, shape) -> its Quant or None
+        # pick the projections that a MatMul takes transposed; they are stored as q and scale behind a
+        # DequantizeLinear
         self.quant, self.quantizable = quant, quantizable
-        self.quantized: set[str] = set()  # folded initializer names stored quantized
+        self.quantized: dict[str, object] = {}  # folded initializer name -> the Quant it is stored with
         self.halved: set[str] = set()  # tables that only Gather reads (the embedding): stored float16 beside them
 
     def bind(self, proto, weight_names: set[str], path: Path) -> None:
@@ -294,9 +295,9 @@ class WeightWriter:
         for n in nodes:
             for i, x in enumerate(n.input):
                 consumers.setdefault(x, []).append((n.op_type, i))
-        picked = {name for name, w in folded.items()
-                  if all(c == ("MatMul", 1) for c in consumers.get(name, [("none", 0)]))
-                  and self.quantizable(w, [d.dim_value for d in weights[w].type.tensor_type.shape.dim])}
+        picked = {name: self.quantizable(w, [d.dim_value for d in weights[w].type.tensor_type.shape.dim])
+                  for name, w in folded.items() if all(c == ("MatMul", 1) for c in consumers.get(name, [("none", 0)]))}
+        picked = {name: q for name, q in picked.items() if q is not None}
         self.quantized |= picked
         # a table only Gather reads costs a row per token, not its bytes: float16 halves the folder at no speed
         tables = {w for w in weights if consumers.get(w) and all(c == ("Gather", 0) for c in consumers[w])}
@@ -337,8 +338,9 @@ class WeightWriter:
             for weight, t in named_tensors:
                 for name, fold in self.uses.get(weight, []):
                     if name in self.quantized:  # W [out, in] -> q [in, out] and scale [in/block, out]
-                        q, scale = self.quant.quantize(t.detach().cpu())
-                        self._emit(f"{name}~q", q.T.contiguous().numpy(), data, files, written, self.quant.bits)
+                        quant = self.quantized[name]
+                        q, scale = quant.quantize(t.detach().cpu())
+                        self._emit(f"{name}~q", q.T.contiguous().numpy(), data, files, written, quant.bits)
                         self._emit(f"{name}~s", scale.T.contiguous().numpy(), data, files, written)
                         continue
                     arr = t.detach().cpu().numpy()

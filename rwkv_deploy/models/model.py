@@ -109,7 +109,7 @@ class RWKV(nn.Module):
     def head_weight(self, rows=slice(None)) -> Tensor:
         head = self.ckpt.checked("head.weight")[rows]  # [V, C]
         if self.quant is not None and self.quant.applies("head", head.shape):  # blocks run along C: rows are free
-            return self.quant.weight(head, self.dtype)
+            return self.quant.of("head").weight(head, self.dtype)
         return head.to(self.dtype)
 
     def prepare_block(self, i: int) -> dict[str, Tensor]:
