@@ -69,20 +69,28 @@ def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Te
     return S @ _col(r), S
 
 
-def wkv4_chunk(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor
+def wkv4_powers(w: Tensor, u: Tensor, L: int) -> Tensor:
+    """[L(t), L(s), A]: the power of e that token s of a chunk carries at token t, less its k_s: (t-1-s)·w for
+    s < t, u at s = t, -inf after t. It depends on the layer alone: computed once, before the chunks' loop (the
+    top-left h x h of it is the table of an h-token chunk)."""
+    t = torch.arange(L, dtype=w.dtype, device=w.device)  # [L]
+    lag = t.unsqueeze(1) - 1 - t.unsqueeze(0)  # [L(t), L(s)]: t-1-s
+    pw = torch.where((lag == -1).unsqueeze(-1), u, lag.unsqueeze(-1) * w)  # [L, L, A]
+    return pw.masked_fill((lag < -1).unsqueeze(-1), -float("inf"))  # later tokens do not count
+
+
+def wkv4_chunk(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor, powers: Tensor
                ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """wkv4 over a chunk of L tokens at once (spec §7's closed form); equal to L calls of `wkv4`.
 
-    k, v [B, L, A]; the rest as in `wkv4`. Token t weighs, as powers of e: the state by pp + t·w, an earlier
-    token s by (t-1-s)·w + k_s, itself by u + k_t; each token divides by its own largest power, as the "pp"
-    form does. The new pp is the largest power after the chunk, which is the pp that L steps reach.
+    k, v [B, L, A]; powers [L, L, A] from `wkv4_powers`; the rest as in `wkv4`. Token t weighs, as powers of e:
+    the state by pp + t·w, an earlier token s by (t-1-s)·w + k_s, itself by u + k_t; each token divides by its own
+    largest power, as the "pp" form does. The new pp is the largest power after the chunk, which is the pp that L
+    steps reach.
     """
     L = k.shape[1]
     t = torch.arange(L, dtype=k.dtype, device=k.device)  # [L]
-    lag = t.unsqueeze(1) - 1 - t.unsqueeze(0)  # [L(t), L(s)]: t-1-s
-    own = (lag == -1).unsqueeze(-1)  # s = t
-    pw = torch.where(own, u, lag.unsqueeze(-1) * w) + k.unsqueeze(1)  # [B, L(t), L(s), A]: powers of token s at t
-    pw = pw.masked_fill((lag < -1).unsqueeze(-1), -float("inf"))  # later tokens do not count
+    pw = powers + k.unsqueeze(1)  # [B, L(t), L(s), A]: powers of token s at t
     ps = pp.unsqueeze(1) + t.unsqueeze(-1) * w  # [B, L, A]: the state's power at token t
     top = torch.maximum(pw.amax(2), ps)  # [B, L, A]
     e, es = torch.exp(pw - top.unsqueeze(2)), torch.exp(ps - top)
@@ -217,11 +225,12 @@ def _wkv4_seq(w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor
               chunk: int):
     T = int(steps)
     h = _head(T, chunk)
-    y0, aa, bb, pp = wkv4_chunk(w, u, k[:, :h], v[:, :h], aa, bb, pp)  # [B, h, A]
+    powers = wkv4_powers(w, u, chunk)  # [chunk, chunk, A]
+    y0, aa, bb, pp = wkv4_chunk(w, u, k[:, :h], v[:, :h], aa, bb, pp, powers[:h, :h])  # [B, h, A]
     ks, vs = _chunks(k, h, chunk), _chunks(v, h, chunk)  # [n + 1, B, chunk, A]
     ys = y0.new_zeros(ks.shape)
     for i in range((T - h) // chunk):
-        y, aa, bb, pp = wkv4_chunk(w, u, ks[i], vs[i], aa, bb, pp)
+        y, aa, bb, pp = wkv4_chunk(w, u, ks[i], vs[i], aa, bb, pp, powers)
         ys[i] = y
     return _unchunk(y0, ys), aa, bb, pp  # [B, T, A]
 

@@ -180,35 +180,47 @@ Ort::Status WKV5(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
 }
 
 // ---- RWKV-7: S[i=value][j=key]; S = S diag(w) + (S a) bᵀ + v kᵀ; the output reads the new state ----
+// One head of one sequence over T tokens (token t's vectors at x + t * stride). Built for several instruction sets
+// and picked when the library loads (GCC's target_clones): the double sums vectorize 2, 4 or 8 wide, and no
+// -march flag can stop the library from loading on an older CPU.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+static void WKV7Head(int64_t T, int64_t N, int64_t stride, const float* R, const float* W, const float* K,
+                     const float* V, const float* Av, const float* Bv, float* s, float* Y) {
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t o = t * stride;
+    const float *rt = R + o, *wt = W + o, *kt = K + o, *vt = V + o, *at = Av + o, *bt = Bv + o;
+    float* yt = Y + o;
+    for (int64_t i = 0; i < N; ++i) {  // sums in double, one rounding per state entry (see WKV5)
+      float* si = s + i * N;
+      double sa = 0.0;
+#pragma omp simd reduction(+ : sa)
+      for (int64_t j = 0; j < N; ++j) sa += static_cast<double>(si[j]) * at[j];
+      const double vi = vt[i];
+      double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < N; ++j) {
+        const double sij = si[j] * static_cast<double>(wt[j]) + sa * bt[j] + vi * kt[j];
+        si[j] = static_cast<float>(sij);
+        acc += sij * rt[j];
+      }
+      yt[i] = static_cast<float>(acc);
+    }
+  }
+}
+
 Ort::Status WKV7(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<float>& w, const Tensor<float>& k,
                  const Tensor<float>& v, const Tensor<float>& a, const Tensor<float>& bvec, const Tensor<float>& S,
                  Tensor<float>& y, Tensor<float>& S_out) {
   int64_t B, T, H, N;
   RETURN_IF_ERROR(Check7(r, w, k, v, a, bvec, S, B, T, H, N));
-  const float *R = r.Data(), *W = w.Data(), *K = k.Data(), *V = v.Data(), *Av = a.Data(), *Bv = bvec.Data();
   float *Y, *SO;
   HeadOutputs(S, y, S_out, B, T, H, N, Y, SO);
   auto body = [&](size_t task) {
-    const int64_t b = task / H, h = task % H;
-    float* s = SO + task * N * N;
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t o = ((b * T + t) * H + h) * N;
-      const float *rt = R + o, *wt = W + o, *kt = K + o, *vt = V + o, *at = Av + o, *bt = Bv + o;
-      float* yt = Y + o;
-      for (int64_t i = 0; i < N; ++i) {  // sums in double, one rounding per state entry (see WKV5)
-        float* si = s + i * N;
-        double sa = 0.0;
-        for (int64_t j = 0; j < N; ++j) sa += static_cast<double>(si[j]) * at[j];
-        const double vi = vt[i];
-        double acc = 0.0;
-        for (int64_t j = 0; j < N; ++j) {
-          const double sij = si[j] * static_cast<double>(wt[j]) + sa * bt[j] + vi * kt[j];
-          si[j] = static_cast<float>(sij);
-          acc += sij * rt[j];
-        }
-        yt[i] = static_cast<float>(acc);
-      }
-    }
+    const int64_t b = task / H, h = task % H, o = (b * T * H + h) * N;  // token 0 of this head
+    WKV7Head(T, N, H * N, r.Data() + o, w.Data() + o, k.Data() + o, v.Data() + o, a.Data() + o, bvec.Data() + o,
+             SO + task * N * N, Y + o);
   };
   ParallelFor(ctx, static_cast<size_t>(B * H), body);
   return Ort::Status{nullptr};
