@@ -8,8 +8,8 @@ The machine's speed can drift over a run of many minutes, so every runtime is ti
 times in turn: the table gives medians over rounds, and the ratios the issue asks for are taken within each round
 (runtimes minutes apart at most) before their median is reported.
 
-    python bench/speed_table.py [--versions 4 7] [--precisions fp32 fp16 int8 int4 fp32-fused] [--tokens 64]
-        [--prompt-len 256] [--repeats 3] [--rounds 3] [--threads 2] [--dir speed] [--json F] [--plot F.png]
+    python bench/speed_table.py [--versions 4 7] [--precisions fp32 fp16 int8 int4 fp32-fused int8-fused int4-fused]
+        [--tokens 64] [--prompt-len 256] [--repeats 3] [--rounds 3] [--threads 2] [--dir speed] [--json F] [--plot F.png]
 """
 from __future__ import annotations
 
@@ -120,16 +120,17 @@ def median_rows(rounds: list[list[tuple]]) -> list[tuple]:
     return out
 
 
-# The issue's targets, as (label, ours, theirs, column): ratios are taken within each round, then the median of
+# The issue's targets, as (label, ours, theirs, column): ours is the best of those runtimes that ran (portable or
+# fused WKV), theirs one runtime or None for the best peer. Ratios are taken within each round, then the median of
 # the rounds reported, so that the machine's drift over a long run cancels (each pair ran minutes apart at most).
-RATIOS = [("int8 decode / rwkv.cpp Q8_0", "rwkv-deploy int8", "rwkv.cpp Q8_0", 2),
-          ("int4 decode / rwkv.cpp Q4_0", "rwkv-deploy int4", "rwkv.cpp Q4_0", 2),
-          ("int8 decode / official fp32", "rwkv-deploy int8", "rwkv (official) fp32", 2),
-          ("int4 decode / official fp32", "rwkv-deploy int4", "rwkv (official) fp32", 2),
-          ("fp16 decode / fp32 decode", "rwkv-deploy fp16", "rwkv-deploy fp32", 2),
-          ("fp32 decode / floor", "rwkv-deploy fp32", "rwkv-deploy fp32", 4),
-          ("portable prefill / best peer", "rwkv-deploy fp32", None, 3),
-          ("fused prefill / best peer", "rwkv-deploy fp32-fused", None, 3)]
+RATIOS = [("int8 decode / rwkv.cpp Q8_0", ("int8", "int8-fused"), "rwkv.cpp Q8_0", 2),
+          ("int4 decode / rwkv.cpp Q4_0", ("int4", "int4-fused"), "rwkv.cpp Q4_0", 2),
+          ("int8 decode / official fp32", ("int8", "int8-fused"), "rwkv (official) fp32", 2),
+          ("int4 decode / official fp32", ("int4", "int4-fused"), "rwkv (official) fp32", 2),
+          ("fp16 decode / fp32 decode", ("fp16",), "rwkv-deploy fp32", 2),
+          ("fp32 decode / floor", ("fp32",), "rwkv-deploy fp32", 4),
+          ("portable prefill / best peer", ("fp32",), None, 3),
+          ("fused prefill / best peer", ("fp32-fused",), None, 3)]
 
 
 def ratios(rounds: list[list[tuple]], versions: list[str]) -> list[tuple[str, str, list[float]]]:
@@ -140,18 +141,14 @@ def ratios(rounds: list[list[tuple]], versions: list[str]) -> list[tuple[str, st
             per = []
             for rows in rounds:
                 by = {r[1]: r for r in rows if r[0] == v}
-                if ours not in by:
-                    break
+                mine = [by[f"rwkv-deploy {o}"][2 if col == 4 else col] for o in ours if f"rwkv-deploy {o}" in by]
                 if theirs is None:  # the best of the peers
-                    peers = [r[col] for n, r in by.items() if not n.startswith("rwkv-deploy")]
-                    if not peers:
-                        break
-                    per.append(by[ours][col] / max(peers))
-                elif theirs in by and by[theirs][col]:
-                    mine = by[ours][2] if col == 4 else by[ours][col]  # vs floor: decode over floor tok/s
-                    per.append(mine / by[theirs][col])
+                    base = max((r[col] for n, r in by.items() if not n.startswith("rwkv-deploy")), default=None)
                 else:
+                    base = by[theirs][col] if theirs in by else None
+                if not mine or not base:
                     break
+                per.append(max(mine) / base)  # vs floor: decode tok/s over floor tok/s
             if per:
                 out.append((v, label, per))
     return out
@@ -161,7 +158,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     add_model_args(ap)
     ap.add_argument("--versions", nargs="+", default=["4", "7"])
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "int8", "int4", "fp32-fused"])
+    ap.add_argument("--precisions", nargs="+",
+                    default=["fp32", "fp16", "int8", "int4", "fp32-fused", "int8-fused", "int4-fused"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per runtime per round (median)")
