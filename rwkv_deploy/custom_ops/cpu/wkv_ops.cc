@@ -146,34 +146,43 @@ void HeadOutputs(const Tensor<float>& S, Tensor<float>& y, Tensor<float>& S_out,
 }
 
 // ---- RWKV-5.x / 6: S[i=key][j=value]; the output reads the old state ----
+// One head of one sequence over T tokens, as WKV7Head below (several instruction sets, picked at load).
+// Sums run in double and each state entry is rounded to float once per token: the kernel is then no further from
+// exact math than the portable graph's MatMuls (a float running sum over i was several times further).
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+static void WKV5Head(int64_t T, int64_t N, int64_t stride, const float* R, const float* K, const float* V,
+                     const float* W, const float* uh, float* s, float* Y, double* acc) {
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t o = t * stride;
+    const float *rt = R + o, *kt = K + o, *vt = V + o, *wt = W + o;
+    for (int64_t j = 0; j < N; ++j) acc[j] = 0.0;
+    for (int64_t i = 0; i < N; ++i) {  // y = r (u k vᵀ + S);  S = k vᵀ + diag(w) S
+      const double ri = rt[i], ki = kt[i], wi = wt[i], ruk = ri * uh[i] * ki;
+      float* si = s + i * N;
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) {
+        acc[j] += ri * si[j] + ruk * vt[j];
+        si[j] = static_cast<float>(si[j] * wi + ki * vt[j]);
+      }
+    }
+    for (int64_t j = 0; j < N; ++j) Y[o + j] = static_cast<float>(acc[j]);
+  }
+}
+
 Ort::Status WKV5(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<float>& k, const Tensor<float>& v,
                  const Tensor<float>& w, const Tensor<float>& u, const Tensor<float>& S, Tensor<float>& y,
                  Tensor<float>& S_out) {
   int64_t B, T, H, N;
   RETURN_IF_ERROR(Check5(r, k, v, w, u, S, B, T, H, N));
-  const float *R = r.Data(), *K = k.Data(), *V = v.Data(), *W = w.Data(), *U = u.Data();
   float *Y, *SO;
   HeadOutputs(S, y, S_out, B, T, H, N, Y, SO);
-  // Sums run in double and each state entry is rounded to float once per token: the kernel is then no
-  // further from exact math than the portable graph's MatMuls (a float running sum over i was several times further).
   auto body = [&](size_t task) {
-    const int64_t b = task / H, h = task % H;
-    float* s = SO + task * N * N;
+    const int64_t b = task / H, h = task % H, o = (b * T * H + h) * N;  // token 0 of this head
     std::vector<double> acc(N);
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t o = ((b * T + t) * H + h) * N;
-      const float *rt = R + o, *kt = K + o, *vt = V + o, *wt = W + o, *uh = U + h * N;
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t i = 0; i < N; ++i) {  // y = r (u k vᵀ + S);  S = k vᵀ + diag(w) S
-        const double ri = rt[i], ki = kt[i], wi = wt[i], ruk = ri * uh[i] * ki;
-        float* si = s + i * N;
-        for (int64_t j = 0; j < N; ++j) {
-          acc[j] += ri * si[j] + ruk * vt[j];
-          si[j] = static_cast<float>(si[j] * wi + ki * vt[j]);
-        }
-      }
-      std::copy(acc.begin(), acc.end(), Y + o);
-    }
+    WKV5Head(T, N, H * N, r.Data() + o, k.Data() + o, v.Data() + o, w.Data() + o, u.Data() + h * N,
+             SO + task * N * N, Y + o, acc.data());
   };
   ParallelFor(ctx, static_cast<size_t>(B * H), body);
   return Ort::Status{nullptr};
