@@ -1,11 +1,12 @@
 """The WKV recurrences, written once (spec §5, §7).
 
-`wkv4`, `wkv5`, `wkv7` take one token per batch row. `run_wkv*` take whole sequences [B, T, ...]: with T = 1
-(the decode step) they call the cell directly; otherwise a TorchScript loop over 16-token chunks in closed form
-(v4, v5.x, v6: the first chunk shorter when T is not a multiple of 16; v7: every chunk's own work done at once
-before the loop, the last chunk padded, the loop carrying only the state from chunk to chunk), which the ONNX
-exporter turns into an ONNX `Loop` whose trip count follows the graph's dynamic sequence length. The
-reference model, the ONNX exports (traced), the custom-op reference kernels and the tests all call these.
+`wkv4`, `wkv5`, `wkv7` take one token per batch row (v5/v7: each head's vectors as rows [B, H, 1, N]).
+`run_wkv*` take whole sequences [B, T, ...]: with T = 1 (the decode step) they call the cell directly; otherwise
+a TorchScript loop over 16-token chunks in closed form (v4, v5.x, v6: the first chunk shorter when T is not a
+multiple of 16; v7: every chunk's own work done at once before the loop, the last chunk padded, the loop carrying
+only the state from chunk to chunk), which the ONNX exporter turns into an ONNX `Loop` whose trip count follows
+the graph's dynamic sequence length. The reference model, the ONNX exports (traced), the custom-op reference
+kernels and the tests all call these.
 Shapes: B batch, T tokens, A attention width, H heads, N head size.
 """
 from __future__ import annotations
