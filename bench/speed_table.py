@@ -120,17 +120,20 @@ def median_rows(rounds: list[list[tuple]]) -> list[tuple]:
     return out
 
 
-# The targets, as (label, ours, theirs, column): ours is the best of those runtimes that ran (portable or
-# fused WKV), theirs one runtime or None for the best peer. Ratios are taken within each round, then the median of
-# the rounds reported, so that the machine's drift over a long run cancels (each pair ran minutes apart at most).
-RATIOS = [("int8 decode / rwkv.cpp Q8_0", ("int8", "int8-fused"), "rwkv.cpp Q8_0", 2),
-          ("int4 decode / rwkv.cpp Q4_0", ("int4", "int4-fused"), "rwkv.cpp Q4_0", 2),
-          ("int8 decode / official fp32", ("int8", "int8-fused"), "rwkv (official) fp32", 2),
-          ("int4 decode / official fp32", ("int4", "int4-fused"), "rwkv (official) fp32", 2),
-          ("fp16 decode / fp32 decode", ("fp16",), "rwkv-deploy fp32", 2),
-          ("fp32 decode / floor", ("fp32",), "rwkv-deploy fp32", 4),
-          ("portable prefill / best peer", ("fp32",), None, 3),
-          ("fused prefill / best peer", ("fp32-fused",), None, 3)]
+# The targets, as (label, ours, theirs, column): theirs is one runtime or None for the best peer (each of
+# ours on its own: the better of two noisy runs would bias a ratio upward). Ratios are taken within each round,
+# then the median of the rounds reported, so that the machine's drift over a long run cancels (each pair ran
+# minutes apart at most).
+RATIOS = [("int8 decode / rwkv.cpp Q8_0", "int8", "rwkv.cpp Q8_0", 2),
+          ("int8 fused decode / rwkv.cpp Q8_0", "int8-fused", "rwkv.cpp Q8_0", 2),
+          ("int4 decode / rwkv.cpp Q4_0", "int4", "rwkv.cpp Q4_0", 2),
+          ("int4 fused decode / rwkv.cpp Q4_0", "int4-fused", "rwkv.cpp Q4_0", 2),
+          ("int8 decode / official fp32", "int8", "rwkv (official) fp32", 2),
+          ("int4 decode / official fp32", "int4", "rwkv (official) fp32", 2),
+          ("fp16 decode / fp32 decode", "fp16", "rwkv-deploy fp32", 2),
+          ("fp32 decode / floor", "fp32", "rwkv-deploy fp32", 4),
+          ("portable prefill / best peer", "fp32", None, 3),
+          ("fused prefill / best peer", "fp32-fused", None, 3)]
 
 
 def ratios(rounds: list[list[tuple]], versions: list[str]) -> list[tuple[str, str, list[float]]]:
@@ -141,14 +144,14 @@ def ratios(rounds: list[list[tuple]], versions: list[str]) -> list[tuple[str, st
             per = []
             for rows in rounds:
                 by = {r[1]: r for r in rows if r[0] == v}
-                mine = [by[f"rwkv-deploy {o}"][2 if col == 4 else col] for o in ours if f"rwkv-deploy {o}" in by]
+                mine = by.get(f"rwkv-deploy {ours}")
                 if theirs is None:  # the best of the peers
                     base = max((r[col] for n, r in by.items() if not n.startswith("rwkv-deploy")), default=None)
                 else:
                     base = by[theirs][col] if theirs in by else None
                 if not mine or not base:
                     break
-                per.append(max(mine) / base)  # vs floor: decode tok/s over floor tok/s
+                per.append(mine[2 if col == 4 else col] / base)  # vs floor: decode tok/s over floor tok/s
             if per:
                 out.append((v, label, per))
     return out

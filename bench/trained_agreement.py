@@ -35,7 +35,8 @@ def corpus(limit: int) -> tuple[bytes, bytes]:
     """(training text, held-out text) from the standard library's .py files: sorted, every 10th file held out."""
     root = Path(sysconfig.get_paths()["stdlib"])
     train, held = bytearray(), bytearray()
-    for i, f in enumerate(sorted(p for p in root.rglob("*.py") if "test" not in p.parts and p.is_file())):
+    files = sorted(p for p in root.rglob("*.py") if "test" not in p.relative_to(root).parts and p.is_file())
+    for i, f in enumerate(files):
         (held if i % 10 == 9 else train).extend(f.read_bytes())
         if len(train) >= limit and len(held) >= limit // 10:
             break
@@ -143,7 +144,7 @@ def main(argv=None) -> None:
     sessions = {p: open_session(f) for p, f in folders.items()}
     forced = {p: teacher_forced(s, tokens[:-1]) for p, s in sessions.items()}
     path = greedy(sessions["fp32"], tokens[:64], n)  # a held-out prompt, then the fp32 export's own choices
-    free = {p: teacher_forced(s, path[63:-1]) for p, s in sessions.items()}
+    free = {p: teacher_forced(s, path[:-1])[63:] for p, s in sessions.items()}  # the continuation's steps
     ref_top = forced["fp32"].argmax(-1)
     print(f"\nheld-out text, {n} bytes teacher-forced / {n} steps along the fp32 export's greedy continuation:")
     print(f"{'export':8s} {'bits/byte':>9s} {'top-1 = fp32 (text)':>20s} {'top-1 = fp32 (free)':>20s}")

@@ -163,3 +163,20 @@ def test_the_reference_keeps_rounding_when_moved_and_both_models_hold_one_embedd
     exact = at_precision(load_checkpoint(make_ckpt("7")), "int8", exact=True)
     assert exact.emb.dtype == torch.float64
     assert torch.equal(exact.emb, at_precision(ckpt, "int8").emb.double())
+
+
+def test_each_export_is_held_to_its_own_quantization():
+    """An int4 export written before the head was kept at int8 has no quantization.head_bits: verify then expects
+    an int4 head (its own weights), a current one an int8 head."""
+    from rwkv_deploy.models.quant import Quant, manifest_quant
+
+    old = {"precision": "int4", "quantization": {"method": "blockwise symmetric int4", "block_size": 32}}
+    new = {"precision": "int4", "quantization": {"method": "m", "block_size": 32, "head_bits": 8}}
+    assert manifest_quant(old) == Quant(4, 32, 4) and manifest_quant(old).of("head").bits == 4
+    assert manifest_quant(new).of("head").bits == 8 and manifest_quant(new).of("att.key.weight").bits == 4
+    assert manifest_quant({"precision": "fp32", "quantization": None}) is None
+
+
+def test_int4_manifest_records_the_head_bits(exported):
+    m = json.loads((exported("7", "int4") / "manifest.json").read_text())
+    assert m["quantization"]["head_bits"] == 8

@@ -137,3 +137,17 @@ def test_peak_memory_is_about_one_copy_of_the_weights(tmp_path):
     weights = (tmp_path / "out" / "model.onnx").stat().st_size
     assert weights > 7e8
     assert peak < 1.3 * weights + 1.5e9, (peak, weights)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_no_folded_weight_is_larger_than_its_weight(make_ckpt, tmp_path, version):
+    """A fold stores what was done to one weight (a transpose, 1 - mu, an unsqueeze): never a broadcast of it (v4's
+    chunk table [16, 16, A] of w [A] once came out as an initializer per layer). It runs in the graph instead."""
+    out = export(make_ckpt(version), tmp_path / "out", prefill="last")
+    model = RWKV(load_checkpoint(make_ckpt(version)), torch.float32)
+    numel = {f"model.{n}": b.numel() for n, b in model.named_buffers()}
+    for graph in ("model.onnx", "prefill.onnx"):
+        for t in onnx.load(str(out / graph), load_external_data=False).graph.initializer:
+            weight = t.name.split("~")[0]
+            if weight in numel:
+                assert int(np.prod(t.dims)) == numel[weight], (graph, t.name, list(t.dims))

@@ -148,7 +148,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
             "weights_dtype": precision if quant else NP_DTYPE[dtype], "compute_dtype": NP_DTYPE[dtype],
             "quantization": quant and {
                 "method": quant.describe(),
-                "block_size": quant.block, "tensors": sorted(writer_quantized),
+                "block_size": quant.block, "head_bits": quant.of("head").bits, "tensors": sorted(writer_quantized),
                 # what ONNX Runtime's fused MatMulNBits does by default and the certificate's reference too
                 "activations": f"int8, symmetric per block of {quant.block} along each product's input"},
             "wkv": wkv, "opset": max(opset, 21) if quant else opset,
@@ -174,14 +174,15 @@ def _skeleton(ckpt, dtype, wkv: str) -> RWKV:
                                                for k, t in ckpt.weights.items()}), dtype, wkv=wkv).eval())
 
 
-def weight_digests(ckpt, precision: str, wkv: str = "portable", opset: int = 18) -> dict[str, str]:
+def weight_digests(ckpt, precision: str, wkv: str = "portable", opset: int = 18, quant=None) -> dict[str, str]:
     """{initializer: sha256 of its bytes} of the step graph that exporting `ckpt` would write, computed the way
     export writes them (same preparation, folds and dtype) without writing anything. verify holds an export's
     weights to these: a damaged or substituted weight shows at any model size, where at 2.9B and fp16 its effect
     on the logits can sit within a few times the precision's own noise."""
     import tempfile
 
-    dtype, quant = PRECISIONS[precision]
+    dtype, default = PRECISIONS[precision]
+    quant = quant if quant is not None else default  # an export's own (models.quant.manifest_quant)
     model = _skeleton(ckpt, dtype, wkv)
     writer = WeightWriter(None, True, quant, quant and _quantizable(quant))
     with tempfile.TemporaryDirectory(prefix="rwkv-deploy-trace-") as tmp:
@@ -191,7 +192,7 @@ def weight_digests(ckpt, precision: str, wkv: str = "portable", opset: int = 18)
         writer.bind(trace_graph(StepGraph(model), model, torch.zeros(2, dtype=torch.long), path, min(opset, 20)),
                     {f"model.{n}" for n, _ in model.named_buffers()}, path)
     del model
-    real = at_precision(ckpt, precision, wkv=wkv, lazy=True)
+    real = at_precision(ckpt, precision, wkv=wkv, lazy=True, quant=quant)
     writer.write((f"model.{n}", t) for n, t in real.prepared_weights())
     return writer.digests
 

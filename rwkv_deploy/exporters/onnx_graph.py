@@ -121,8 +121,8 @@ def static_shapes(proto) -> None:
     shapes = []
     for n in g.node:
         x, y = dims.get(n.input[0]) if n.input else None, dims.get(n.output[0])
-        if n.op_type not in ("Reshape", "Expand") or x is None or y is None or None in y:
-            continue
+        if n.op_type not in ("Reshape", "Expand") or x is None or y is None or None in y or 0 in y:
+            continue  # (a size 0 in a target would mean "copy the input's size" to Reshape)
         if n.op_type == "Reshape":
             if any(a.name == "allowzero" and a.i for a in n.attribute):
                 continue
@@ -136,7 +136,7 @@ def static_shapes(proto) -> None:
                 continue
         name = f"{n.output[0]}/static_shape"  # a Constant node: initializers are the checkpoint's weights alone
         shapes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
-            np.array(target, dtype=np.int64), name)))
+            np.array(target, dtype=np.int64))))  # unnamed: a fold's signature hashes its constants
         n.input[1] = name
     live = {o.name for o in g.output}
     kept = []
@@ -190,6 +190,22 @@ except (OSError, AttributeError):  # not glibc
     pass
 
 
+def _sizes(proto) -> dict[str, int]:
+    """Element counts of the graph's inputs and values whose shapes ONNX shape inference knows in full."""
+    import onnx
+
+    try:
+        g = onnx.shape_inference.infer_shapes(proto).graph
+    except onnx.shape_inference.InferenceError:
+        return {}
+    out = {}
+    for vi in [*g.input, *g.value_info]:
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            out[vi.name] = int(np.prod([d.dim_value for d in dims], dtype=np.int64))
+    return out
+
+
 def _signature(chain) -> str:
     """Names a folded weight by what was done to it (op types, attributes, constants), not by the graph's value
     names, so that the same fold in the step and the prefill graph is one initializer."""
@@ -241,12 +257,16 @@ class WeightWriter:
         weights = {i.name: i for i in g.input if i.name in weight_names}
         const = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
         source: dict[str, tuple[str, list]] = {w: (w, []) for w in weights}  # value -> (weight, folded nodes)
+        sizes = _sizes(proto)
         rename, keep = {}, []
         for node in g.node:
             ins = [x for x in node.input if x]
             roots = {source[x][0] for x in ins if x in source}
             if (node.op_type in FOLDABLE and len(roots) == 1 and len(node.output) == 1
-                    and all(x in source or x in const for x in ins)):
+                    and all(x in source or x in const for x in ins)
+                    # a fold that broadcasts a weight (v4's chunk table, [16, 16, A] from w [A]) would store more
+                    # bytes than it saves work: it runs in the graph
+                    and sizes.get(node.output[0], 0) <= sizes.get(next(iter(roots)), 0)):
                 (w,) = roots
                 chain = [n for x in ins if x in source for n in source[x][1]]
                 chain += [const[x] for x in ins if x in const] + [node]

@@ -255,12 +255,14 @@ class LazyBlocks:
         return (self[i] for i in range(self.n))
 
 
-def at_precision(ckpt: Checkpoint, precision: str, exact: bool = False, **kw) -> RWKV:
+def at_precision(ckpt: Checkpoint, precision: str, exact: bool = False, quant=None, **kw) -> RWKV:
     """The reference that computes what an export at `precision` computes; exact=True: float64 with the same
-    weights (exact math for that export)."""
+    weights (exact math for that export). quant: the export's own quantization (models.quant.manifest_quant) where it
+    differs from what `precision` means today."""
     if precision not in PRECISIONS:
         raise RWKVDeployError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    dtype, quant = PRECISIONS[precision]
+    dtype, default = PRECISIONS[precision]
+    quant = quant if quant is not None else default
     return RWKV(ckpt, torch.float64 if exact else dtype, quant=quant, **kw).eval()
 
 

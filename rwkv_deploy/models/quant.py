@@ -116,6 +116,16 @@ class Int8Input(Tensor):
 
 
 QUANTS = {"int8": Quant(8), "int4": Quant(4, head_bits=8)}
+
+
+def manifest_quant(m) -> Quant | None:
+    """The Quant an export was written with, from its manifest: an int4 export from before the head was kept at
+    int8 has no quantization.head_bits, and its head is int4 (verify holds each export to its own weights)."""
+    q = m.get("quantization")
+    if not q:
+        return None
+    bits = {"int8": 8, "int4": 4}[m["precision"]]
+    return Quant(bits, q.get("block_size", 32), q.get("head_bits", bits))
 # an export's precision -> (the dtype it computes in, its weight quantization or None)
 PRECISIONS = {"fp32": (torch.float32, None), "fp16": (torch.float16, None),
               "int8": (torch.float32, QUANTS["int8"]), "int4": (torch.float32, QUANTS["int4"])}

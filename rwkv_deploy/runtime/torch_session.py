@@ -12,7 +12,7 @@ from ..errors import RWKVDeployError
 from ..exporters.onnx_graph import state_io_names
 from ..models.checkpoint import Checkpoint, load_checkpoint
 from ..models.model import DTYPES, RWKV
-from ..models.quant import PRECISIONS
+from ..models.quant import PRECISIONS, manifest_quant
 from .contract import Session, State, StateSpec
 from .manifest import Manifest
 from .tokenizer import default_tokenizer_file, load_tokenizer
@@ -81,6 +81,7 @@ class TorchSession(Session):
         tokenizer = manifest.path("tokenizer.file", entry["file"]) if entry else None
         positions = manifest["graphs"].get("prefill", {}).get("positions", "last")
         dtype, quant = PRECISIONS[precision]
+        quant = manifest_quant(manifest) or quant  # the export's own (an old int4 export's head is int4)
         sess = cls(checkpoint, str(dtype).removeprefix("torch."), device, tokenizer=tokenizer,
                    prefill_positions=positions, threads=threads, quant=quant)
         sess.manifest = manifest

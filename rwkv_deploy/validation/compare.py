@@ -327,8 +327,9 @@ def check_weights(m, ckpt) -> dict:
     if m["format"] == "rwkv-deploy/1":  # written by the constant-folding exporter: other initializer names
         return {"skipped": "weights not compared with the checkpoint: a format-1 export (re-export to compare)"}
     from ..exporters.export import weight_digests
+    from ..models.quant import manifest_quant
 
-    expected = weight_digests(ckpt, m["precision"], m.get("wkv", "portable"), m.get("opset", 18))
+    expected = weight_digests(ckpt, m["precision"], m.get("wkv", "portable"), m.get("opset", 18), manifest_quant(m))
     actual = export_weight_digests(m)
     return {"checked": len(expected),
             "differ": sorted(n for n in expected if n in actual and actual[n] != expected[n]),
@@ -391,7 +392,7 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
     from ..exporters.onnx_graph import state_io_names
     from ..models import load_checkpoint
     from ..models.model import at_precision
-    from ..models.quant import PRECISIONS
+    from ..models.quant import PRECISIONS, manifest_quant
     from ..runtime.manifest import read_manifest
     from ..runtime.session import check_backend, open_session, torch_device
     from ..runtime.torch_session import TorchSession
@@ -428,8 +429,8 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
     if weights.get("skipped"):
         notes.append(weights["skipped"])
     sess = session or TorchSession.for_export(m, ckpt, torch_device(providers), threads)
-    exact = at_precision(ckpt, m["precision"], exact=True, lazy=True)
-    ref = at_precision(ckpt, m["precision"], lazy=True)
+    exact = at_precision(ckpt, m["precision"], exact=True, lazy=True, quant=manifest_quant(m))
+    ref = at_precision(ckpt, m["precision"], lazy=True, quant=manifest_quant(m))
     names = state_io_names(exact)[0]  # the references' state lists, named as the export names its state
     if sorted(names) != sorted(sess.state_names):
         raise RWKVDeployError(f"{folder}: the session's state ({sess.state_names[:3]}...) is not the reference's "
@@ -499,14 +500,15 @@ def first_token_sweep(folder, ids=None, chunk: int = 256, exact_dtype=torch.floa
     """
     from ..models import load_checkpoint
     from ..models.model import RWKV, at_precision
+    from ..models.quant import manifest_quant
     from ..runtime.session import open_session
 
     sess = open_session(folder)
     m = sess.manifest
     ckpt = load_checkpoint(checkpoint or m["source"]["path"])
-    exact = (at_precision(ckpt, m["precision"], exact=True) if exact_dtype == torch.float64
+    exact = (at_precision(ckpt, m["precision"], exact=True, quant=manifest_quant(m)) if exact_dtype == torch.float64
              else RWKV(ckpt, exact_dtype).eval())
-    ref = at_precision(ckpt, m["precision"])
+    ref = at_precision(ckpt, m["precision"], quant=manifest_quant(m))
     ids = np.arange(int(m["vocab_size"])) if ids is None else np.asarray(ids)
     d_exp, d_ref = [], []
     with torch.no_grad():

@@ -149,7 +149,7 @@ void HeadOutputs(const Tensor<float>& S, Tensor<float>& y, Tensor<float>& S_out,
 // One head of one sequence over T tokens, as WKV7Head below (several instruction sets, picked at load).
 // Sums run in double and each state entry is rounded to float once per token: the kernel is then no further from
 // exact math than the portable graph's MatMuls (a float running sum over i was several times further).
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__) && defined(__GLIBC__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 static void WKV5Head(int64_t T, int64_t N, int64_t stride, const float* R, const float* K, const float* V,
@@ -190,9 +190,9 @@ Ort::Status WKV5(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
 
 // ---- RWKV-7: S[i=value][j=key]; S = S diag(w) + (S a) bᵀ + v kᵀ; the output reads the new state ----
 // One head of one sequence over T tokens (token t's vectors at x + t * stride). Built for several instruction sets
-// and picked when the library loads (GCC's target_clones): the double sums vectorize 2, 4 or 8 wide, and no
-// -march flag can stop the library from loading on an older CPU.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+// and picked when the library loads (GCC's target_clones, an ifunc: glibc on Linux x86-64, elsewhere the plain
+// build): the double sums vectorize 2, 4 or 8 wide, and no -march flag can stop the library loading on an older CPU.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__) && defined(__GLIBC__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 static void WKV7Head(int64_t T, int64_t N, int64_t stride, const float* R, const float* W, const float* K,
