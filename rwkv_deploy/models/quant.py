@@ -31,7 +31,8 @@ class Quant:
     bits: int  # 8 or 4
     block: int = 32  # rwkv.cpp's Q8_0/Q4_0 use 32 too
     # int4 keeps the head at 8 bits, as llama.cpp's 4-bit types keep the output matrix at 6: its error lands on the
-    # logits directly (a trained 4x256 v7's top-1 agreement with fp32: 93 % with an int4 head, 96 % with int8)
+    # logits directly (a trained 4x256 v7's top-1 agreement with fp32 over held-out text: 93 % with an int4 head,
+    # 95-96 % with int8; bench/trained_agreement.py, docs/precision.md)
     head_bits: int | None = None
 
     @property
