@@ -180,3 +180,30 @@ def test_each_export_is_held_to_its_own_quantization():
 def test_int4_manifest_records_the_head_bits(exported):
     m = json.loads((exported("7", "int4") / "manifest.json").read_text())
     assert m["quantization"]["head_bits"] == 8
+
+
+def test_weights_check_knows_a_weight_under_an_earlier_fold_name(make_ckpt, tmp_path):
+    """Exports from an earlier release may store a weight under another fold's name (v5's u was [H, N, 1]): the same
+    bytes under the same weight's name pass; other bytes under it do not."""
+    import shutil
+
+    from rwkv_deploy import export
+    from rwkv_deploy.models import load_checkpoint
+    from rwkv_deploy.runtime.manifest import read_manifest
+    from rwkv_deploy.validation.compare import check_weights
+
+    out = export(make_ckpt("5.2"), tmp_path / "out")
+    ckpt = load_checkpoint(read_manifest(out)["source"]["path"])
+    for damage in (False, True):
+        folder = tmp_path / f"renamed-{damage}"
+        shutil.copytree(out, folder)
+        proto = onnx.load(str(folder / "model.onnx"))
+        t = next(t for t in proto.graph.initializer if t.name.startswith("model.blocks.0.att.u~"))
+        old, t.name = t.name, "model.blocks.0.att.u~000000000000"
+        if damage:
+            t.raw_data = bytes(len(t.raw_data))
+        for n in proto.graph.node:
+            n.input[:] = [t.name if x == old else x for x in n.input]
+        onnx.save(proto, str(folder / "model.onnx"))
+        w = check_weights(read_manifest(folder), ckpt)
+        assert bool(w["missing"] or w["unexpected"]) == damage, w

@@ -55,8 +55,7 @@ def wkv5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor) -> Tu
     S [B, H, N(key), N(value)]. The output reads the OLD state. Returns y [B, H, 1, N] and the new S.
     """
     # y = r (u kᵀv + S) with the bonus as (r·u·k) v: S and kᵀv are each read once, not summed into a third matrix
-    # (u as a column, as the earlier cell folded it: exports made before keep their initializer names)
-    y = r @ S + ((r * k) @ u.unsqueeze(-1)) * v  # [B, H, 1, N]
+    y = r @ S + (r * u.unsqueeze(-2) * k).sum(-1, keepdim=True) * v  # [B, H, 1, N]
     return y, _col(k) @ v + _col(w) * S
 
 

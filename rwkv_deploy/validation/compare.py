@@ -331,10 +331,18 @@ def check_weights(m, ckpt) -> dict:
 
     expected = weight_digests(ckpt, m["precision"], m.get("wkv", "portable"), m.get("opset", 18), manifest_quant(m))
     actual = export_weight_digests(m)
+    missing = {n for n in expected if n not in actual}
+    unexpected = {n for n in actual if n not in expected}
+    # the same weight's same bytes under another fold's name (an export from an earlier release that reshaped it
+    # differently, e.g. v5's u as [H, N, 1] rather than [H, 1, N]) is that weight, exactly
+    base = lambda n: n.split("~")[0]  # noqa: E731
+    same = {(base(n), actual[n]) for n in unexpected}
+    renamed = {n for n in missing if (base(n), expected[n]) in same}
+    kept = {(base(n), expected[n]) for n in renamed}
     return {"checked": len(expected),
             "differ": sorted(n for n in expected if n in actual and actual[n] != expected[n]),
-            "missing": sorted(n for n in expected if n not in actual),
-            "unexpected": sorted(n for n in actual if n not in expected)}
+            "missing": sorted(missing - renamed),
+            "unexpected": sorted(n for n in unexpected if (base(n), actual[n]) not in kept)}
 
 
 def export_weight_digests(m) -> dict[str, str]:
