@@ -60,8 +60,8 @@ def ort_version() -> str:
 
 
 def score_bound(precision: str, runtime: str) -> float:
-    """1e-5 (max|Δ|/std) for fp32 everywhere (int8/int4: see below). fp16 graphs run ONNX Runtime's fp16 kernels, which differ between
-    builds, so fp16 is held to 1e-5 only where the builds are the same: onnxruntime-node against Python's
+    """1e-5 (max|Δ|/std) for fp32 everywhere (int8/int4: see below). fp16 graphs run ONNX Runtime's fp16 kernels,
+    which differ between builds, so fp16 is held to 1e-5 only where the builds are the same: onnxruntime-node against Python's
     onnxruntime of the same version (measured: <= 8e-7). Otherwise (measured on these exports) Python's 1.32 lands
     1.3e-4...7.8e-4 from onnxruntime-node 1.30.0, and the wasm build of 1.30.0 up to 4.5e-4 from the native one of
     the same version; there the bound is 2e-3: two fp16 roundings (2 x 2**-10) of a logit the size of its row's

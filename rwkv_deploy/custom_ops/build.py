@@ -141,8 +141,8 @@ def build_library(force: bool = False, ort_include: str | Path | None = None, cu
     flags = [f"-I{include}", f'-DRWKV_DEPLOY_VERSION="{__version__}"']
     if cuda:
         return _compile([_nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler",
-                         "-fvisibility=hidden", "-Xcompiler", "-fopenmp-simd", "-DRWKV_WITH_CUDA", *_gencode(), *flags, f"-I{CUDA_DIR}",
-                         str(CUDA_SOURCE), str(SOURCE)], lib)
+                         "-fvisibility=hidden", "-Xcompiler", "-fopenmp-simd", "-DRWKV_WITH_CUDA", *_gencode(), *flags,
+                         f"-I{CUDA_DIR}", str(CUDA_SOURCE), str(SOURCE)], lib)
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
         raise RWKVDeployError("building the custom-op library needs a C++17 compiler (g++); install one")

@@ -109,15 +109,7 @@ def static_shapes(proto) -> None:
     from onnx import helper, numpy_helper
 
     g = proto.graph
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True).graph
-    except onnx.shape_inference.InferenceError:
-        return
-    dims = {}
-    for vi in [*inferred.value_info, *inferred.input, *inferred.output]:
-        shape = vi.type.tensor_type.shape
-        if vi.type.tensor_type.HasField("shape"):
-            dims[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
+    dims = _inferred_dims(proto)
     shapes = []
     for n in g.node:
         x, y = dims.get(n.input[0]) if n.input else None, dims.get(n.output[0])
@@ -149,6 +141,20 @@ def static_shapes(proto) -> None:
                     live.update(_outer_inputs(a.g))
     del g.node[:]
     g.node.extend(shapes + kept[::-1])
+
+
+def _inferred_dims(proto) -> dict[str, list]:
+    """{value: its dims} as ONNX shape inference (with data propagation) finds them: an int, a symbol's name, or
+    None where unknown; {} when inference fails."""
+    import onnx
+
+    try:
+        g = onnx.shape_inference.infer_shapes(proto, data_prop=True).graph
+    except onnx.shape_inference.InferenceError:
+        return {}
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in vi.type.tensor_type.shape.dim]
+            for vi in [*g.value_info, *g.input, *g.output] if vi.type.tensor_type.HasField("shape")}
 
 
 def _outer_inputs(body) -> set[str]:
@@ -188,22 +194,6 @@ try:
     _malloc_trim = ctypes.CDLL(None).malloc_trim
 except (OSError, AttributeError):  # not glibc
     pass
-
-
-def _sizes(proto) -> dict[str, int]:
-    """Element counts of the graph's inputs and values whose shapes ONNX shape inference knows in full."""
-    import onnx
-
-    try:
-        g = onnx.shape_inference.infer_shapes(proto).graph
-    except onnx.shape_inference.InferenceError:
-        return {}
-    out = {}
-    for vi in [*g.input, *g.value_info]:
-        dims = vi.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            out[vi.name] = int(np.prod([d.dim_value for d in dims], dtype=np.int64))
-    return out
 
 
 def _signature(chain) -> str:
@@ -257,7 +247,8 @@ class WeightWriter:
         weights = {i.name: i for i in g.input if i.name in weight_names}
         const = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
         source: dict[str, tuple[str, list]] = {w: (w, []) for w in weights}  # value -> (weight, folded nodes)
-        sizes = _sizes(proto)
+        sizes = {v: int(np.prod(d, dtype=np.int64)) for v, d in _inferred_dims(proto).items()  # element counts
+                 if all(isinstance(x, int) for x in d)}
         rename, keep = {}, []
         for node in g.node:
             ins = [x for x in node.input if x]

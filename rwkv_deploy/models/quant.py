@@ -12,8 +12,8 @@ at their precision does it too (`Int8Input`); the float64 model (exact math) com
 weights and exact inputs.
 
 The projections of every version (att receptance/key/value/output/gate, ffn key/value/receptance) and the head are
-quantized: they are nearly all of a step's bytes. int4 exports keep the head at int8 (`Quant.head_bits`). The embedding is stored in float16; LoRA factors, mixing vectors
-and norms stay float32.
+quantized: they are nearly all of a step's bytes. int4 exports keep the head at int8 (`Quant.head_bits`). The
+embedding is stored in float16; LoRA factors, mixing vectors and norms stay float32.
 """
 from __future__ import annotations
 
@@ -118,15 +118,15 @@ class Int8Input(Tensor):
 
 QUANTS = {"int8": Quant(8), "int4": Quant(4, head_bits=8)}
 
+# an export's precision -> (the dtype it computes in, its weight quantization or None)
+PRECISIONS = {"fp32": (torch.float32, None), "fp16": (torch.float16, None),
+              "int8": (torch.float32, QUANTS["int8"]), "int4": (torch.float32, QUANTS["int4"])}
+
 
 def manifest_quant(m) -> Quant | None:
     """The Quant an export was written with, from its manifest: an int4 export from before the head was kept at
     int8 has no quantization.head_bits, and its head is int4 (verify holds each export to its own weights)."""
-    q = m.get("quantization")
-    if not q:
+    q, base = m.get("quantization"), PRECISIONS[m["precision"]][1]
+    if not q or base is None:
         return None
-    bits = {"int8": 8, "int4": 4}[m["precision"]]
-    return Quant(bits, q.get("block_size", 32), q.get("head_bits", bits))
-# an export's precision -> (the dtype it computes in, its weight quantization or None)
-PRECISIONS = {"fp32": (torch.float32, None), "fp16": (torch.float16, None),
-              "int8": (torch.float32, QUANTS["int8"]), "int4": (torch.float32, QUANTS["int4"])}
+    return Quant(base.bits, q.get("block_size", base.block), q.get("head_bits", base.bits))

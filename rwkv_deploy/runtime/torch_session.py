@@ -80,10 +80,9 @@ class TorchSession(Session):
         entry = manifest.get("tokenizer")
         tokenizer = manifest.path("tokenizer.file", entry["file"]) if entry else None
         positions = manifest["graphs"].get("prefill", {}).get("positions", "last")
-        dtype, quant = PRECISIONS[precision]
-        quant = manifest_quant(manifest) or quant  # the export's own (an old int4 export's head is int4)
+        dtype = PRECISIONS[precision][0]
         sess = cls(checkpoint, str(dtype).removeprefix("torch."), device, tokenizer=tokenizer,
-                   prefill_positions=positions, threads=threads, quant=quant)
+                   prefill_positions=positions, threads=threads, quant=manifest_quant(manifest))  # the export's own
         sess.manifest = manifest
         return sess
 

@@ -400,7 +400,7 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
     from ..exporters.onnx_graph import state_io_names
     from ..models import load_checkpoint
     from ..models.model import at_precision
-    from ..models.quant import PRECISIONS, manifest_quant
+    from ..models.quant import manifest_quant
     from ..runtime.manifest import read_manifest
     from ..runtime.session import check_backend, open_session, torch_device
     from ..runtime.torch_session import TorchSession
@@ -437,8 +437,9 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
     if weights.get("skipped"):
         notes.append(weights["skipped"])
     sess = session or TorchSession.for_export(m, ckpt, torch_device(providers), threads)
-    exact = at_precision(ckpt, m["precision"], exact=True, lazy=True, quant=manifest_quant(m))
-    ref = at_precision(ckpt, m["precision"], lazy=True, quant=manifest_quant(m))
+    quant = manifest_quant(m)
+    exact = at_precision(ckpt, m["precision"], exact=True, lazy=True, quant=quant)
+    ref = at_precision(ckpt, m["precision"], lazy=True, quant=quant)
     names = state_io_names(exact)[0]  # the references' state lists, named as the export names its state
     if sorted(names) != sorted(sess.state_names):
         raise RWKVDeployError(f"{folder}: the session's state ({sess.state_names[:3]}...) is not the reference's "
@@ -470,7 +471,7 @@ def verify(folder, checkpoint=None, steps: int = 64, batch: int = 1, seed: int =
             elif (t + 1) % 100 == 0:
                 log.info("verified %d/%d steps", t + 1, steps)
     fp32_top1 = None
-    if PRECISIONS[m["precision"]][1] is not None:
+    if quant is not None:
         unquantized = replay_layers(at_precision(ckpt, "fp32", lazy=True), torch.from_numpy(tokens.T.copy()))
         fp32_top1 = float((unquantized.top1().T == picks).mean())  # [B, T] -> [T, B]
     report = Report(m["precision"], sess.backend, steps, batch, gate, free, forced, time.time() - t0,
@@ -514,9 +515,10 @@ def first_token_sweep(folder, ids=None, chunk: int = 256, exact_dtype=torch.floa
     sess = open_session(folder)
     m = sess.manifest
     ckpt = load_checkpoint(checkpoint or m["source"]["path"])
-    exact = (at_precision(ckpt, m["precision"], exact=True, quant=manifest_quant(m)) if exact_dtype == torch.float64
+    quant = manifest_quant(m)
+    exact = (at_precision(ckpt, m["precision"], exact=True, quant=quant) if exact_dtype == torch.float64
              else RWKV(ckpt, exact_dtype).eval())
-    ref = at_precision(ckpt, m["precision"], quant=manifest_quant(m))
+    ref = at_precision(ckpt, m["precision"], quant=quant)
     ids = np.arange(int(m["vocab_size"])) if ids is None else np.asarray(ids)
     d_exp, d_ref = [], []
     with torch.no_grad():
