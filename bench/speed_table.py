@@ -173,6 +173,8 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--plot")
     a = ap.parse_args()
+    if a.rounds < 1 or a.repeats < 1:
+        ap.error("--rounds and --repeats must be at least 1")
     work = Path(a.dir)
     work.mkdir(exist_ok=True)
     rounds = []

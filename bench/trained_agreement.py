@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rwkv_deploy.models.synthetic import ALL_VERSIONS
+
 CLI = [sys.executable, "-m", "rwkv_deploy.cli"]
 VOCAB = 256  # bytes
 
@@ -104,7 +106,7 @@ def bits_per_byte(logits: np.ndarray, targets: np.ndarray) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--version", default="7")
+    ap.add_argument("--version", default="7", choices=ALL_VERSIONS)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--embd", type=int, default=256)
     ap.add_argument("--head-size", type=int, default=64)
@@ -119,6 +121,9 @@ def main(argv=None) -> None:
     ap.add_argument("--verify", action="store_true", help="also run each export's certificate over --eval-tokens")
     ap.add_argument("--dir", type=Path, default=Path("trained"))
     a = ap.parse_args(argv)
+    if min(a.layers, a.embd, a.head_size, a.steps, a.batch, a.seq, a.eval_tokens) < 1 or a.embd % a.head_size:
+        ap.error("--layers, --embd, --head-size, --steps, --batch, --seq and --eval-tokens must be positive, and "
+                 "--embd a multiple of --head-size")
     from rwkv_deploy.models.synthetic import save_checkpoint
     from rwkv_deploy.runtime.session import open_session
 
