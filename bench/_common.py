@@ -14,11 +14,13 @@ def add_model_args(ap: argparse.ArgumentParser, version="7", layers=12, embd=768
 
 
 def write_checkpoint(a: argparse.Namespace, path: Path, version: str | None = None) -> int:
-    """A bf16 random checkpoint of the requested shape at `path`; returns its parameter count."""
+    """A bf16 random checkpoint of the requested shape (LoRA widths as released) at `path`; returns its parameter
+    count."""
     import torch
 
     from rwkv_deploy.models.synthetic import make_checkpoint, save_checkpoint
 
-    sd = make_checkpoint(version or a.version, a.layers, a.embd, a.head_size, a.vocab, dtype=torch.bfloat16)
+    sd = make_checkpoint(version or a.version, a.layers, a.embd, a.head_size, a.vocab, dtype=torch.bfloat16,
+                         released_lora=True)
     save_checkpoint(sd, path)
     return sum(t.numel() for t in sd.values())

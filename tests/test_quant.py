@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import VERSIONS, run_cli
 
-from rwkv_deploy.models.quant import QUANTS, Int8Input, int8_blocks
+from rwkv_deploy.models.quant import LORA, QUANTS, Int8Input, int8_blocks
 from rwkv_deploy.validation.compare import verify
 
 onnx = pytest.importorskip("onnx", reason="onnx is needed (pip install -e .[onnx])")
@@ -53,6 +53,15 @@ def test_int8_input_rounds_only_in_linear():
     rounded = torch.nn.functional.linear(int8_blocks(x, 32), w.as_subclass(torch.Tensor))
     assert torch.equal(torch.nn.functional.linear(x, w), rounded)
     assert type(w * 2) is torch.Tensor and type(torch.nn.functional.linear(x, w)) is torch.Tensor
+    lora = Int8Input.wrap(torch.randn(32, 8), 32)  # a LoRA factor, read as x @ W
+    assert torch.equal(x @ lora, int8_blocks(x, 32) @ lora.as_subclass(torch.Tensor))
+    assert torch.equal(torch.matmul(x, lora), x @ lora) and not torch.equal(x @ lora, x @ lora.as_subclass(torch.Tensor))
+
+
+def _eight_bits(initializer: str) -> bool:
+    """Whether an int4 export keeps this weight at int8: the head and RWKV-7's LoRA factors."""
+    name = initializer.split("~")[0]
+    return name == "model.head" or (name.startswith("model.blocks.") and name.split(".", 3)[3] in LORA)
 
 
 def _initializers(folder):
@@ -75,11 +84,17 @@ def test_quantized_export_checks_and_verifies(exported, version, precision):
     assert len(dq) == len(q["tensors"]) >= 6 * m["n_layer"] + 1
     for n in dq:
         assert {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} == {"axis": 0, "block_size": 32}
-        head = n.input[0].startswith("model.head")  # int4 exports keep the head at int8
-        assert inits[n.input[0]].data_type == (onnx.TensorProto.INT8 if head else want)
+        assert inits[n.input[0]].data_type == (onnx.TensorProto.INT8 if _eight_bits(n.input[0]) else want)
         assert inits[n.input[1]].data_type == onnx.TensorProto.FLOAT
     assert ("head int8" in q["method"]) == (precision == "int4")
     assert any(t.startswith("model.head") for t in q["tensors"])
+    from rwkv_deploy.models import load_checkpoint
+    from rwkv_deploy.models.model import at_precision
+
+    model = at_precision(load_checkpoint(m["source"]["path"]), "fp32")  # the LoRA factors it uses whose blocks fit
+    loras = {f"model.{k}" for k, t in model.named_buffers() if k.split(".", 2)[-1] in LORA and t.shape[0] % 32 == 0}
+    assert {t for t in q["tensors"] if _eight_bits(t) and not t.startswith("model.head")} == loras
+    assert q.get("lora_bits") == (8 if version == "7" else None) and bool(loras) == (version == "7")
     r = run_cli("check", out)
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
     report = verify(out, steps=12, batch=2, write=False)
@@ -127,7 +142,7 @@ def test_folder_sizes_shrink(make_ckpt, tmp_path):
         stored = _stored_bytes(out[p])
         names = json.loads((out[p] / "manifest.json").read_text())["quantization"]["tensors"]
         for n in names:
-            want = 0.5625 if n.startswith("model.head") else ratio
+            want = 0.5625 if _eight_bits(n) else ratio
             assert (stored[f"{n}~q"] + stored[f"{n}~s"]) / half[n] == want, n
 
 
@@ -208,3 +223,51 @@ def test_weights_check_knows_a_weight_under_an_earlier_fold_name(make_ckpt, tmp_
         onnx.save(proto, str(folder / "model.onnx"))
         w = check_weights(read_manifest(folder), ckpt)
         assert bool(w["missing"] or w["unexpected"]) == damage, w
+
+
+def test_lora_factors_are_int8_and_read_as_they_are(make_ckpt, tmp_path):
+    """RWKV-7's LoRA factors are products x @ W with W [in, out]: stored int8 behind DequantizeLinear with blocks
+    along `in` (dim 0), and the reference holds exactly those weights and rounds their inputs too."""
+    from onnx import numpy_helper
+
+    from rwkv_deploy import export
+    from rwkv_deploy.models import load_checkpoint
+    from rwkv_deploy.models.model import at_precision
+
+    path = make_ckpt("7")
+    out = export(path, tmp_path / "int4", precision="int4")
+    proto = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    q, s = inits["model.blocks.1.att.w1~q"], inits["model.blocks.1.att.w1~s"]  # [C, D], [C / 32, D]
+    w1 = load_checkpoint(path).checked("blocks.1.att.w1").float()  # [C, D]
+    assert q.dtype == np.int8 and q.shape == tuple(w1.shape) and s.shape == (w1.shape[0] // 32, w1.shape[1])
+    dequant = q.astype(np.float32) * np.repeat(s, 32, axis=0)
+    ref = at_precision(load_checkpoint(path), "int4").blocks[1].att.w1
+    assert isinstance(ref, Int8Input)
+    np.testing.assert_array_equal(dequant, ref.as_subclass(torch.Tensor).numpy())
+    assert np.abs(dequant - w1.numpy()).max() <= np.repeat(s, 32, axis=0).max() / 2 + 1e-7  # half a step
+    consumers = [n.op_type for n in proto.graph.node if "model.blocks.1.att.w1~q" in n.input]
+    assert consumers == ["DequantizeLinear"]
+
+
+def test_an_export_with_float_lora_factors_still_verifies(make_ckpt, tmp_path, monkeypatch):
+    """An int4 export written before the LoRA factors were quantized (no quantization.lora_bits) is held to its
+    float32 factors: its weights check passes, and the same folder claiming int8 factors fails it."""
+    from rwkv_deploy import export
+    from rwkv_deploy.models.quant import PRECISIONS, Quant
+
+    path = make_ckpt("7")
+    with monkeypatch.context() as mp:  # the quantization an earlier release wrote
+        mp.setitem(PRECISIONS, "int4", (torch.float32, Quant(4, head_bits=8)))
+        out = export(path, tmp_path / "before", precision="int4")
+    m = json.loads((out / "manifest.json").read_text())
+    assert "lora_bits" not in m["quantization"] and not any(_eight_bits(t) and "head" not in t
+                                                             for t in m["quantization"]["tensors"])
+    report = verify(out, steps=4, write=False)
+    assert report and not report.weights["differ"], report.table()
+    m["quantization"]["lora_bits"] = 8
+    (out / "manifest.json").write_text(json.dumps(m))
+    claimed = verify(out, steps=4, write=False)
+    assert not claimed, claimed.table()
+    claimed = claimed.weights
+    assert "model.blocks.1.att.w1~q" in claimed["missing"] and "model.blocks.1.att.w1" in claimed["unexpected"]

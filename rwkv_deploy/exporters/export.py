@@ -19,7 +19,7 @@ from ..errors import RWKVDeployError
 from ..models import load_checkpoint
 from ..models.common import Params
 from ..models.model import RWKV, at_precision
-from ..models.quant import PRECISIONS
+from ..models.quant import LORA, PRECISIONS
 from ..runtime.manifest import FORMAT, MANIFEST, tokenizer_entry, write_json_atomic
 from ..runtime.tokenizer import default_tokenizer_file
 from ..staging import check_destination, destination, sigterm_raises_exit, staged
@@ -122,6 +122,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         for file in files.values():
             onnx.checker.check_model(str(tmp / file))  # by path: works past 2 GiB
         writer_quantized, written = writer.quantized, writer.bytes_written  # int8/int4: fewer than traced
+        lora_quantized = bool(writer.direct)  # RWKV-7's LoRA factors, the weights a product reads as they are
         del writer
         log.info("[2/4] %.2f GB of weights written%s (golden tokens replayed alongside) in %.1fs", written / 1e9,
                  f" to {WEIGHTS_FILE}" if external else "", time.time() - t1)
@@ -148,7 +149,8 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
             "weights_dtype": precision if quant else NP_DTYPE[dtype], "compute_dtype": NP_DTYPE[dtype],
             "quantization": quant and {
                 "method": quant.describe(),
-                "block_size": quant.block, "head_bits": quant.of("head").bits, "tensors": sorted(writer_quantized),
+                "block_size": quant.block, "head_bits": quant.of("head").bits,
+                **({"lora_bits": quant.lora_bits} if lora_quantized else {}), "tensors": sorted(writer_quantized),
                 # what ONNX Runtime's fused MatMulNBits does by default and the certificate's reference too
                 "activations": f"int8, symmetric per block of {quant.block} along each product's input"},
             "wkv": wkv, "opset": max(opset, 21) if quant else opset,
@@ -250,11 +252,13 @@ def _find_tokenizer(ckpt, given) -> tuple[Path | None, dict | None]:
 
 
 def _quantizable(quant):
-    """quantizable(initializer name, shape) -> the Quant it is stored with, or None, for WeightWriter: the layers'
-    projections and the head."""
-    def pick(name: str, shape):
+    """quantizable(initializer name, shape, transposed) -> the Quant it is stored with, or None, for WeightWriter:
+    the layers' projections and the head, which the graphs read transposed, and RWKV-7's LoRA factors, read as
+    they are."""
+    def pick(name: str, shape, transposed: bool):
         key = "head" if name == "model.head" else name.split(".", 3)[3] if name.startswith("model.blocks.") else ""
-        return quant.of(key) if key and quant.applies(key, shape) else None
+        ok = key and quant.applies(key, shape) and transposed == (key not in LORA)
+        return quant.of(key) if ok else None
     return pick
 
 

@@ -232,11 +232,12 @@ class WeightWriter:
         self.graphs = []  # (ModelProto without weights, initializer names it uses, file to write)
         self.uses: dict[str, list[tuple[str, object]]] = {}  # weight -> [(initializer name, fold model or None)]
         self.bytes_written = 0
-        # int8/int4 exports: quant (models.quant.Quant) and quantizable(weight name, shape) -> its Quant or None
-        # pick the projections that a MatMul takes transposed; they are stored as q and scale behind a
-        # DequantizeLinear
+        # int8/int4 exports: quant (models.quant.Quant) and quantizable(weight name, shape, transposed) -> its
+        # Quant or None pick the weights that a MatMul takes as B, transposed (projections) or as they are (LoRA
+        # factors); they are stored as q and scale behind a DequantizeLinear
         self.quant, self.quantizable = quant, quantizable
-        self.quantized: dict[str, object] = {}  # folded initializer name -> the Quant it is stored with
+        self.quantized: dict[str, object] = {}  # initializer name -> the Quant it is stored with
+        self.direct: set[str] = set()  # of those, the weights a MatMul reads as they are ([in, out])
         self.halved: set[str] = set()  # tables that only Gather reads (the embedding): stored float16 beside them
 
     def bind(self, proto, weight_names: set[str], path: Path) -> None:
@@ -300,16 +301,20 @@ class WeightWriter:
         import onnx
         from onnx import helper
 
-        folded = {rename[v]: w for v, (w, chain) in source.items() if v in rename and len(chain) == 1
-                  and chain[0].op_type == "Transpose"}
+        # initializer name -> (weight, whether the graph reads it transposed)
+        products = {rename[v]: (w, True) for v, (w, chain) in source.items() if v in rename and len(chain) == 1
+                    and chain[0].op_type == "Transpose"}
+        products |= {w: (w, False) for w in weights}
         consumers: dict[str, list] = {}
         for n in nodes:
             for i, x in enumerate(n.input):
                 consumers.setdefault(x, []).append((n.op_type, i))
-        picked = {name: self.quantizable(w, [d.dim_value for d in weights[w].type.tensor_type.shape.dim])
-                  for name, w in folded.items() if all(c == ("MatMul", 1) for c in consumers.get(name, [("none", 0)]))}
+        picked = {name: self.quantizable(w, [d.dim_value for d in weights[w].type.tensor_type.shape.dim], transposed)
+                  for name, (w, transposed) in products.items()
+                  if all(c == ("MatMul", 1) for c in consumers.get(name, [("none", 0)]))}
         picked = {name: q for name, q in picked.items() if q is not None}
         self.quantized |= picked
+        self.direct |= {name for name in picked if not products[name][1]}
         # a table only Gather reads costs a row per token, not its bytes: float16 halves the folder at no speed
         tables = {w for w in weights if consumers.get(w) and all(c == ("Gather", 0) for c in consumers[w])}
         self.halved |= tables
@@ -349,8 +354,8 @@ class WeightWriter:
             for weight, t in named_tensors:
                 for name, fold in self.uses.get(weight, []):
                     if name in self.quantized:  # W [out, in] -> q [in, out] and scale [in/block, out]
-                        quant = self.quantized[name]
-                        q, scale = quant.quantize(t.detach().cpu())
+                        quant, w = self.quantized[name], t.detach().cpu()
+                        q, scale = quant.quantize(w.T if name in self.direct else w)  # a LoRA factor is [in, out]
                         self._emit(f"{name}~q", q.T.contiguous().numpy(), data, files, written, quant.bits)
                         self._emit(f"{name}~s", scale.T.contiguous().numpy(), data, files, written)
                         continue

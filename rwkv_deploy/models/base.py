@@ -26,6 +26,10 @@ class Version:
         carry an older one's keys too (v6 has v5's ln_x and gate), so versions.py tries them newest first."""
         raise NotImplementedError
 
+    def released_lora(self, n_embd: int) -> dict[str, int]:
+        """The LoRA widths released models of this width use (benchmarks read as many bytes as a real model)."""
+        return dict(self.random_lora)
+
     def released_dim_ffn(self, n_embd: int) -> int:
         """The FFN width released models of this version use (spec §2); random checkpoints use it too."""
         return 4 * n_embd

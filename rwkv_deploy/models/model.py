@@ -124,7 +124,7 @@ class RWKV(nn.Module):
             p["ffn.value.weight"] = p["ffn.value.weight"] / scale
         keep32 = V.fp32_keys | {"att.time_state"} if dtype == torch.float16 else frozenset()
         q = self.quant
-        return {k: q.weight(t, dtype) if q is not None and q.applies(k, t.shape) else
+        return {k: q.of(k).weight(t, dtype, k) if q is not None and q.applies(k, t.shape) else
                 t.to(torch.float32 if k in keep32 else dtype) for k, t in p.items()}
 
     def prepared_weights(self, on_layer=None):

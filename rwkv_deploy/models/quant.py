@@ -12,8 +12,9 @@ at their precision does it too (`Int8Input`); the float64 model (exact math) com
 weights and exact inputs.
 
 The projections of every version (att receptance/key/value/output/gate, ffn key/value/receptance) and the head are
-quantized: they are nearly all of a step's bytes. int4 exports keep the head at int8 (`Quant.head_bits`). The
-embedding is stored in float16; LoRA factors, mixing vectors and norms stay float32.
+quantized: they are nearly all of a step's bytes. int4 exports keep the head at int8 (`Quant.head_bits`). RWKV-7's
+LoRA factors (w1/w2, a1/a2, v1/v2, g1/g2) are int8 in both (`Quant.lora_bits`): float32, they were a quarter of a
+169M int4 step's bytes. The embedding is stored in float16; mixing vectors and norms stay float32.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from torch import Tensor
 
 QUANTIZED = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight", "att.gate.weight",
              "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
+# RWKV-7's LoRA factors: products x @ W, so W is [in, out] (the projections above are F.linear's [out, in])
+LORA = ("att.w1", "att.w2", "att.a1", "att.a2", "att.v1", "att.v2", "att.g1", "att.g2")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class Quant:
     # logits directly (a trained 4x256 v7's top-1 agreement with fp32 over held-out text: 93 % with an int4 head,
     # 95-96 % with int8; bench/trained_agreement.py, docs/precision.md)
     head_bits: int | None = None
+    # RWKV-7's LoRA factors, None: float32 (exports written before they were quantized). int8 even in int4 exports:
+    # the decay's LoRA lands in exp(-exp(.)), and at int8 they cost 1.1 bytes a weight instead of 4
+    lora_bits: int | None = None
 
     @property
     def qmax(self) -> int:
@@ -41,15 +47,19 @@ class Quant:
 
     def applies(self, key: str, shape) -> bool:
         """Whether the model weight `key` (a layer's "att.key.weight", or "head") is stored quantized."""
+        if key in LORA:
+            return self.lora_bits is not None and len(shape) == 2 and shape[0] % self.block == 0
         return (key == "head" or key in QUANTIZED) and len(shape) == 2 and shape[1] % self.block == 0
 
     def of(self, key: str) -> "Quant":
-        """How the weight `key` is quantized (the head may take more bits than the projections)."""
-        return Quant(self.head_bits, self.block) if key == "head" and self.head_bits else self
+        """How the weight `key` is quantized (the head and LoRA factors may take more bits than the projections)."""
+        bits = self.head_bits if key == "head" else self.lora_bits if key in LORA else None
+        return Quant(bits, self.block) if bits else self
 
     def describe(self) -> str:
         head = f", the head int{self.head_bits}" if self.head_bits and self.head_bits != self.bits else ""
-        return f"blockwise symmetric int{self.bits}{head} (DequantizeLinear, opset 21)"
+        lora = f", LoRA factors int{self.lora_bits}" if self.lora_bits else ""
+        return f"blockwise symmetric int{self.bits}{head}{lora} (DequantizeLinear, opset 21)"
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """w [out, in] -> (q int8 [out, in], scale float32 [out, in / block])."""
@@ -73,9 +83,10 @@ class Quant:
         bytes on disk only; float16 halves them exactly and every runtime reads it)."""
         return emb.to(torch.float16).to(dtype)
 
-    def weight(self, w: Tensor, dtype: torch.dtype) -> Tensor:
-        """w as a model at `dtype` holds it: dequantized; below float64 also rounding its inputs (Int8Input)."""
-        w = self.round_trip(w).to(dtype)
+    def weight(self, w: Tensor, dtype: torch.dtype, key: str = "") -> Tensor:
+        """w as a model at `dtype` holds it: dequantized; below float64 also rounding its inputs (Int8Input).
+        A LoRA factor (`key` in LORA) is [in, out]: its blocks run along dim 0."""
+        w = (self.round_trip(w.T).T if key in LORA else self.round_trip(w)).to(dtype)
         return w if dtype == torch.float64 else Int8Input.wrap(w, self.block)
 
 
@@ -87,6 +98,7 @@ def int8_blocks(x: Tensor, block: int) -> Tensor:
     return (torch.round(b / scale) * scale).reshape(x.shape)
 
 
+PRODUCTS = (torch.nn.functional.linear, torch.matmul, Tensor.matmul, Tensor.__matmul__)  # x @ W, F.linear(x, W)
 MOVES = (Tensor.to, Tensor.cuda, Tensor.cpu)  # a model moved to a device keeps computing as the export does
 
 
@@ -107,7 +119,7 @@ class Int8Input(Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
-            if func is torch.nn.functional.linear and isinstance(args[1], Int8Input):
+            if func in PRODUCTS and len(args) > 1 and isinstance(args[1], Int8Input):  # x W or F.linear(x, W)
                 x, w = args[0], args[1]
                 return func(int8_blocks(x, w.block), w.as_subclass(Tensor), *args[2:], **kwargs)
             out = func(*args, **kwargs)
@@ -116,7 +128,7 @@ class Int8Input(Tensor):
         return out
 
 
-QUANTS = {"int8": Quant(8), "int4": Quant(4, head_bits=8)}
+QUANTS = {"int8": Quant(8, lora_bits=8), "int4": Quant(4, head_bits=8, lora_bits=8)}
 
 # an export's precision -> (the dtype it computes in, its weight quantization or None)
 PRECISIONS = {"fp32": (torch.float32, None), "fp16": (torch.float16, None),
@@ -125,8 +137,9 @@ PRECISIONS = {"fp32": (torch.float32, None), "fp16": (torch.float16, None),
 
 def manifest_quant(m) -> Quant | None:
     """The Quant an export was written with, from its manifest: an int4 export from before the head was kept at
-    int8 has no quantization.head_bits, and its head is int4 (verify holds each export to its own weights)."""
+    int8 has no quantization.head_bits, and its head is int4; one from before the LoRA factors were quantized has
+    no quantization.lora_bits, and they are float32 (verify holds each export to its own weights)."""
     q, base = m.get("quantization"), PRECISIONS[m["precision"]][1]
     if not q or base is None:
         return None
-    return Quant(base.bits, q.get("block_size", base.block), q.get("head_bits", base.bits))
+    return Quant(base.bits, q.get("block_size", base.block), q.get("head_bits", base.bits), q.get("lora_bits"))

@@ -46,14 +46,16 @@ class Draw:
 
 
 def make_checkpoint(version: str, n_layer: int = 2, n_embd: int = 64, head_size: int = 16, vocab_size: int = 97,
-                    dtype: torch.dtype = torch.float32, time_state: bool = False, seed: int = 0) -> dict[str, Tensor]:
-    """A BlinkDL state dict of `version` with random weights; time_state adds a tuned initial state (v5/v6)."""
+                    dtype: torch.dtype = torch.float32, time_state: bool = False, seed: int = 0,
+                    released_lora: bool = False) -> dict[str, Tensor]:
+    """A BlinkDL state dict of `version` with random weights; time_state adds a tuned initial state (v5/v6);
+    released_lora: LoRA widths as released models of this width have them (else small ones, for tests)."""
     if version not in VERSIONS:
         raise ValueError(f"unknown RWKV version {version!r}; expected one of {ALL_VERSIONS}")
     V = VERSIONS[version]
     C = A = n_embd
     d = Dims(version, n_layer, C, A, V.released_dim_ffn(C), A // head_size, head_size, vocab_size,
-             dict(V.random_lora))
+             V.released_lora(C) if released_lora else dict(V.random_lora))
     draw = Draw(seed)
     sd = {"emb.weight": draw.normal(vocab_size, C) * 0.5, **draw.layer_norm("blocks.0.ln0", C),
           **draw.layer_norm("ln_out", C), "head.weight": draw.linear(vocab_size, C, 2.0)}

@@ -20,6 +20,9 @@ class V6(V5):
     def detect(self, sd):
         return any("time_maa" in k for k in sd)
 
+    def released_lora(self, n_embd):
+        return {"Dm": 32, "Dd": 64} if n_embd < 4096 else {"Dm": 64, "Dd": 128}  # BlinkDL's RWKV-6 training code
+
     def read_dims(self, sd, d):
         d.n_head, d.head_size = sd["blocks.0.att.time_faaaa"].squeeze().shape
         d.lora = {"Dm": sd["blocks.0.att.time_maa_w1"].shape[1] // 5, "Dd": sd["blocks.0.att.time_decay_w1"].shape[1]}

@@ -25,6 +25,13 @@ class V7(Version):
     def detect(self, sd):
         return any(f"blocks.0.att.{k}" in sd for k in ("r_k", "x_r", "w0", "k_k"))
 
+    def released_lora(self, n_embd):
+        # BlinkDL's RWKV-7 training code: 0.1B (768) has 64/64/32/128, 1.5B (2048) 96/96/64/256
+        def width(x):
+            return max(32, int(round(x / 32) * 32))
+        return {"Dw": width(1.8 * n_embd ** 0.5), "Da": width(1.8 * n_embd ** 0.5), "Dv": width(1.3 * n_embd ** 0.5),
+                "Dg": width(0.6 * n_embd ** 0.8)}
+
     def read_dims(self, sd, d):
         d.n_head, d.head_size = sd["blocks.0.att.r_k"].shape
         d.lora = {f"D{x}": sd[f"blocks.0.att.{x}1"].shape[1] for x in "wavg"}
