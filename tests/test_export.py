@@ -183,3 +183,18 @@ def test_fp16_rescales_the_residual_of_deep_models(make_ckpt, tmp_path, version)
     assert json.loads((out / "manifest.json").read_text())["rescale_every"] == 6
     report = verify(out, steps=64, batch=4)
     assert report and report.summaries()["free-running"]["export_worst"] <= 2e-2, report.table()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+@pytest.mark.parametrize("version", ["4", "7"])
+def test_every_node_is_used(exported, version, precision):
+    """Each node of the step and prefill graphs feeds an output: a constant that only a weight's fold read goes
+    into the fold (ONNX Runtime warned about each one left behind)."""
+    from rwkv_deploy.exporters.onnx_graph import _outer_inputs
+
+    out = exported(version, precision)
+    for name in ("model.onnx", "prefill.onnx"):
+        g = onnx.load(str(out / name), load_external_data=False).graph
+        read = _outer_inputs(g) | {o.name for o in g.output}
+        idle = [n.output[0] for n in g.node if not any(o in read for o in n.output)]
+        assert not idle, (name, idle[:5])

@@ -105,7 +105,6 @@ def static_shapes(proto) -> None:
     the batch and time sizes) a constant target instead, where ONNX shape inference proves one: a size that is a
     number, 0 for "the input's size here" (Reshape), 1 for "keep the input's size" (Expand), at most one -1. The
     shape arithmetic left unused is removed. A decode step runs ~100 fewer nodes per 12 layers."""
-    import onnx
     from onnx import helper, numpy_helper
 
     g = proto.graph
@@ -130,17 +129,25 @@ def static_shapes(proto) -> None:
         shapes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
             np.array(target, dtype=np.int64))))  # unnamed: a fold's signature hashes its constants
         n.input[1] = name
-    live = {o.name for o in g.output}
+    kept = _used(list(g.node), g.output)
+    del g.node[:]
+    g.node.extend(shapes + kept)
+
+
+def _used(nodes: list, outputs) -> list:
+    """The nodes (in topological order) that the graph's outputs depend on."""
+    import onnx
+
+    live = {o.name for o in outputs}
     kept = []
-    for n in reversed(g.node):  # topological order: a node's users come after it
+    for n in reversed(nodes):  # a node's users come after it
         if any(o in live for o in n.output):
             kept.append(n)
             live.update(n.input)
             for a in n.attribute:  # a Loop's body reads outer values too
                 if a.type == onnx.AttributeProto.GRAPH:
                     live.update(_outer_inputs(a.g))
-    del g.node[:]
-    g.node.extend(shapes + kept[::-1])
+    return kept[::-1]
 
 
 def _inferred_dims(proto) -> dict[str, list]:
@@ -286,7 +293,7 @@ class WeightWriter:
             for o in proto.opset_import:  # blocked DequantizeLinear and INT4 came with opset 21
                 if o.domain in ("", "ai.onnx"):
                     o.version = max(o.version, 21)
-        g.node.extend(keep)
+        g.node.extend(_used(keep, g.output))  # a constant only a fold read is now in the fold
         inputs = [i for i in g.input if i.name not in weights]
         del g.input[:]
         g.input.extend(inputs)
