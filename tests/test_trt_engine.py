@@ -150,6 +150,9 @@ def test_an_operator_without_a_plugin_is_refused(exported, tmp_path):
     m["requires"] = {"custom_ops": {"domain": "rwkv", "ops": ["WKV9"], "libraries": {}}}
     with pytest.raises(RWKVDeployError, match=r"no TensorRT plugin for rwkv::WKV9.*--wkv portable"):
         E.required_plugins(m)
+    m["requires"]["custom_ops"]["ops"] = ["MatMulQ4", "MatMulQ8", "WKV7"]  # a fused int4 export
+    with pytest.raises(RWKVDeployError, match=r"CPU kernels that have no TensorRT plugin; export with --wkv portable"):
+        E.required_plugins(m)
 
 
 def test_without_the_loader_link_plugins_are_refused_before_the_abort(trt, monkeypatch, tmp_path, loader_link):

@@ -142,16 +142,27 @@ SIGNATURES = {
 }
 
 
+# fused int8/int4 exports' products y = x W, W as q and scale (models/quant.py; int4: two a byte) -> q's type
+PRODUCTS = {"MatMulQ8": "tensor(int8)", "MatMulQ4": "tensor(uint8)"}
+
+
 def register_for_export() -> None:
     """TorchScript-exporter symbolics and ONNX schemas (so onnx.checker knows the rwkv domain)."""
     import onnx
+
+    P = onnx.defs.OpSchema.FormalParameter
+    for op, q in PRODUCTS.items():
+        if not onnx.defs.has(op, DOMAIN):
+            onnx.defs.register_schema(onnx.defs.OpSchema(
+                op, DOMAIN, OPSET, doc=f"y = x W with W blockwise-quantized ({op}); see custom_ops/cpu/wkv_ops.cc",
+                inputs=[P("x", "T"), P("q", "Q"), P("scale", "T")], outputs=[P("y", "T")],
+                type_constraints=[("T", ["tensor(float)"], "float32"), ("Q", [q], "the stored integers")]))
 
     for name, fn in SYMBOLICS.items():
         torch.onnx.register_custom_op_symbolic(name, fn, OPSET)
     for op, (ins, outs) in SIGNATURES.items():
         if onnx.defs.has(op, DOMAIN):
             continue
-        P = onnx.defs.OpSchema.FormalParameter
         schema = onnx.defs.OpSchema(
             op, DOMAIN, OPSET, doc=f"RWKV WKV recurrence ({op}); see rwkv_deploy/models/wkv.py",
             inputs=[P(n, "T") for n in ins], outputs=[P(n, "T") for n in outs],

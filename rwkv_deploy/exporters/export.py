@@ -89,7 +89,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
     with staged(out, "export") as tmp:
         t1 = time.time()
         _phase(progress, 0, "tracing the graphs")
-        writer = WeightWriter(tmp / WEIGHTS_FILE, external, quant, quant and _quantizable(quant))
+        writer = WeightWriter(tmp / WEIGHTS_FILE, external, quant, quant and _quantizable(quant), fused=wkv == "fused")
         files = {"step": "model.onnx"}
         writer.bind(trace_graph(StepGraph(model), model, torch.zeros(2, dtype=torch.long), tmp / "model.onnx", opset),
                     weight_names, tmp / "model.onnx")
@@ -97,7 +97,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         if prefill:
             # example T = 3: the T = 1 shortcut of models/wkv.py must not be taken, so the WKV becomes a Loop
             writer.bind(trace_graph(PrefillGraph(model, prefill == "all"), model, torch.zeros(2, 3, dtype=torch.long),
-                                    tmp / "prefill.onnx", opset), weight_names, tmp / "prefill.onnx")
+                                    tmp / "prefill.onnx", opset), weight_names, tmp / "prefill.onnx", fuse=False)
             files["prefill"] = "prefill.onnx"
             graphs["prefill"] = _graph_entry("prefill.onnx", external, ["batch", "seq"], d.vocab_size)
             graphs["prefill"]["positions"] = prefill
@@ -186,7 +186,7 @@ def weight_digests(ckpt, precision: str, wkv: str = "portable", opset: int = 18,
     dtype, default = PRECISIONS[precision]
     quant = quant if quant is not None else default  # an export's own (models.quant.manifest_quant)
     model = _skeleton(ckpt, dtype, wkv)
-    writer = WeightWriter(None, True, quant, quant and _quantizable(quant))
+    writer = WeightWriter(None, True, quant, quant and _quantizable(quant), fused=wkv == "fused")
     with tempfile.TemporaryDirectory(prefix="rwkv-deploy-trace-") as tmp:
         path = Path(tmp) / "model.onnx"
         # initializers are named after the weights whatever the opset; torch's exporter traces at most opset 20

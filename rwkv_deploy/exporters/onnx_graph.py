@@ -231,12 +231,15 @@ class WeightWriter:
     ALIGN = 4096  # page-aligned offsets let a runtime map each tensor instead of copying it
     MIN_BYTES = 1024  # smaller tensors stay inside each graph (a page of padding apiece would outweigh them)
 
-    def __init__(self, path: Path | None, external: bool, quant=None, quantizable=None):
+    def __init__(self, path: Path | None, external: bool, quant=None, quantizable=None, fused: bool = False):
         """path: the external-data file to write; None computes digests instead of writing anything (`digests`:
-        initializer name -> sha256 of the bytes it would have), which is how verify checks an export's weights."""
+        initializer name -> sha256 of the bytes it would have), which is how verify checks an export's weights.
+        fused: quantized products become rwkv::MatMulQ8/MatMulQ4 nodes (the custom-op library's CPU kernels) on
+        the same q and scale, instead of DequantizeLinear + MatMul."""
         self.path, self.external = path, external
         self.digests: dict[str, str] | None = {} if path is None else None
-        self.graphs = []  # (ModelProto without weights, initializer names it uses, file to write)
+        # (ModelProto without weights, initializer names it uses, file to write, those it reads as int4 pairs)
+        self.graphs = []
         self.uses: dict[str, list[tuple[str, object]]] = {}  # weight -> [(initializer name, fold model or None)]
         self.bytes_written = 0
         # int8/int4 exports: quant (models.quant.Quant) and quantizable(weight name, shape, transposed) -> its
@@ -245,9 +248,13 @@ class WeightWriter:
         self.quant, self.quantizable = quant, quantizable
         self.quantized: dict[str, object] = {}  # initializer name -> the Quant it is stored with
         self.direct: set[str] = set()  # of those, the weights a MatMul reads as they are ([in, out])
+        self.fused = fused
         self.halved: set[str] = set()  # tables that only Gather reads (the embedding): stored float16 beside them
 
-    def bind(self, proto, weight_names: set[str], path: Path) -> None:
+    def bind(self, proto, weight_names: set[str], path: Path, fuse: bool = True) -> None:
+        """Take a traced graph's weights out of it (folding what depends on one weight alone) and remember what
+        to write. fuse=False keeps a fused export's quantized products as DequantizeLinear + MatMul in this graph
+        (prefill: ONNX Runtime's MatMulNBits multiplies 256 rows faster than rwkv::MatMulQ*)."""
         import onnx
         from onnx import helper
 
@@ -288,25 +295,34 @@ class WeightWriter:
         del g.node[:]
         for node in keep:
             node.input[:] = [rename.get(x, x) for x in node.input]
+        paired: set[str] = set()  # int4 weights an rwkv::MatMulQ4 of this graph reads
         if self.quant is not None:
-            keep = self._dequantize(keep, weights, source, rename)
+            keep = self._dequantize(keep, weights, source, rename, self.fused and fuse, paired)
             for o in proto.opset_import:  # blocked DequantizeLinear and INT4 came with opset 21
                 if o.domain in ("", "ai.onnx"):
                     o.version = max(o.version, 21)
+            from ..custom_ops.torch_ops import DOMAIN, OPSET, register_for_export
+
+            if any(n.domain == DOMAIN for n in keep):
+                register_for_export()  # the MatMulQ schemas
+                if all(o.domain != DOMAIN for o in proto.opset_import):
+                    proto.opset_import.append(helper.make_opsetid(DOMAIN, OPSET))
         g.node.extend(_used(keep, g.output))  # a constant only a fold read is now in the fold
         inputs = [i for i in g.input if i.name not in weights]
         del g.input[:]
         g.input.extend(inputs)
         names = {rename.get(v, v) for v in used if v in source}
         names = {x for n in names for x in ((f"{n}~q", f"{n}~s") if n in self.quantized else (n,))}
-        self.graphs.append((proto, names, path))
+        self.graphs.append((proto, names, path, paired))
 
-    def _dequantize(self, nodes, weights, source, rename) -> list:
+    def _dequantize(self, nodes, weights, source, rename, fuse: bool, paired: set) -> list:
         """nodes with each quantizable projection's MatMul fed by DequantizeLinear(q, scale) (opset 21, blocks
         along the MatMul's K axis) instead of its transposed float weight. Only weights that every consumer
         takes as a MatMul's B input; anything else keeps its float copy."""
         import onnx
         from onnx import helper
+
+        from ..custom_ops.torch_ops import DOMAIN
 
         # initializer name -> (weight, whether the graph reads it transposed)
         products = {rename[v]: (w, True) for v, (w, chain) in source.items() if v in rename and len(chain) == 1
@@ -328,6 +344,13 @@ class WeightWriter:
         out, dequantized = [], set()
         for n in nodes:
             name = n.input[1] if n.op_type == "MatMul" else None
+            if fuse and name in picked and _fusable(picked[name], weights[products[name][0]], products[name][1]):
+                q = picked[name]
+                if q.bits == 4:
+                    paired.add(f"{name}~q")
+                out.append(helper.make_node(f"MatMulQ{q.bits}", [n.input[0], f"{name}~q", f"{name}~s"], list(n.output),
+                                            name=n.name, domain=DOMAIN))
+                continue
             if name in picked:
                 if name not in dequantized:  # once per weight, however many products read it
                     dequantized.add(name)
@@ -354,10 +377,10 @@ class WeightWriter:
         with ExitStack() as stack:
             data = stack.enter_context(open(self.path, "wb")) if self.external and self.path else None
             files = []
-            for proto, names, path in self.graphs if self.digests is None else []:
+            for proto, names, path, paired in self.graphs if self.digests is None else []:
                 f = stack.enter_context(open(path, "wb"))
                 f.write(proto.SerializeToString())
-                files.append((f, names))
+                files.append((f, names, paired))
             for weight, t in named_tensors:
                 for name, fold in self.uses.get(weight, []):
                     if name in self.quantized:  # W [out, in] -> q [in, out] and scale [in/block, out]
@@ -382,13 +405,14 @@ class WeightWriter:
                     progress(done, total)
                 elif self.digests is None and done % max(1, total // 10) == 0:  # logs: every tenth of the way
                     log.info("wrote %d/%d weights (%.2f GB)", done, total, self.bytes_written / 1e9)
-        missing = [n for _, names, _ in self.graphs for n in names if n not in written]
+        missing = [n for _, names, _, _ in self.graphs for n in names if n not in written]
         if missing:  # a weight the graph uses that the model did not stream: a bug, not bad input
             raise RuntimeError(f"weights not written: {missing[:5]}")
 
     def _emit(self, name: str, arr: np.ndarray, data, files, written: set, bits: int | None = None) -> None:
         """One initializer: into the external-data file (page-aligned) or inside each graph file that uses it.
-        bits=4: `arr` holds int8 values in [-7, 7], stored as ONNX INT4; bits=8: as INT8."""
+        bits=4: `arr` holds int8 values in [-7, 7], stored as ONNX INT4 (in a graph whose rwkv::MatMulQ4 reads it:
+        the same bytes as UINT8 with half the columns); bits=8: as INT8."""
         import onnx
         from onnx import helper
 
@@ -409,11 +433,23 @@ class WeightWriter:
                 tp.external_data.add(key=k, value=str(v))
             data.write(raw)
             raw = None
-        for f, names in files:
-            if name in names:
+        for f, names, paired in files:
+            if name in paired:  # the same bytes (in the file or inline), seen as uint8 pairs
+                pairs = onnx.TensorProto()
+                pairs.CopyFrom(tp)
+                pairs.data_type, pairs.dims[-1] = onnx.TensorProto.UINT8, arr.shape[-1] // 2
+                _append_initializer(f, pairs, raw)
+            elif name in names:
                 _append_initializer(f, tp, raw)
         self.bytes_written += stored.nbytes
         written.add(name)
+
+
+def _fusable(quant, weight, transposed: bool) -> bool:
+    """Whether rwkv::MatMulQ8/MatMulQ4 can take this product: the kernels' block of 32, and for int4 an even
+    number of outputs (two a byte)."""
+    dims = [d.dim_value for d in weight.type.tensor_type.shape.dim]
+    return quant.block == 32 and (quant.bits == 8 or (dims[0] if transposed else dims[1]) % 2 == 0)
 
 
 def _packed_int4(q: np.ndarray) -> np.ndarray:

@@ -133,6 +133,10 @@ def required_plugins(manifest: Manifest) -> list[str]:
     if not custom:
         return []
     missing = [op for op in custom.get("ops", []) if custom.get("domain") != NAMESPACE or op not in OPS]
+    if missing and custom.get("domain") == NAMESPACE and all(op.startswith("MatMulQ") for op in missing):
+        raise RWKVDeployError(f"this fused {', '.join(missing)} export multiplies its int8/int4 weights with CPU kernels "
+                              "that have no TensorRT plugin; export with --wkv portable for TensorRT (its "
+                              "DequantizeLinear form builds)")
     if missing:
         raise RWKVDeployError(f"no TensorRT plugin for {custom.get('domain')}::{', '.join(missing)} (plugins exist for "
                               f"{', '.join(f'{NAMESPACE}::{o}' for o in OPS)}); export with --wkv portable")

@@ -1,0 +1,109 @@
+"""rwkv::MatMulQ8 / MatMulQ4, the products of fused int8/int4 exports' step graphs: exact integer math on the
+export's own q and scale, the same bytes the prefill graph's DequantizeLinear reads."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import normalised
+from onnx import helper, numpy_helper
+
+from rwkv_deploy import open_session
+from rwkv_deploy.models.quant import QUANTS, int8_blocks
+from rwkv_deploy.validation.compare import verify
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is needed (pip install -e .[onnx])")
+
+
+@pytest.fixture(scope="module")
+def library():
+    from rwkv_deploy.custom_ops.build import build_library
+
+    return str(build_library())
+
+
+def _pairs(q: np.ndarray) -> np.ndarray:
+    """int4 values [K, N] -> uint8 [K, N / 2], the even column in the low nibble (ONNX INT4's bytes)."""
+    u = (q.astype(np.int16) & 0xF).astype(np.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def _product(library, bits, q, scale, x_shape):
+    K, N = q.shape
+    stored = q if bits == 8 else _pairs(q)
+    node = helper.make_node(f"MatMulQ{bits}", ["x", "q", "s"], ["y"], domain="rwkv")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(stored, "q"), numpy_helper.from_array(scale, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("rwkv", 1)])
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(library)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("K, N, x_shape", [(64, 200, (1, 1, 64)), (96, 40, (3, 96)), (768, 130, (2, 9, 768)),
+                                           (256, 256, (17, 256))])
+def test_products_are_exact_integer_sums(library, bits, K, N, x_shape):
+    """y = int8_blocks(x) (dequantized W), in float64: the kernel rounds x exactly as models/quant.py's
+    reference does, multiplies in integers and scales once per block (float32 sums: ~1e-7 of the largest output).
+    N = 40 runs the plain loop alone, 130 and 200 the vector path and its tail columns."""
+    rng = np.random.default_rng(K + N + bits)
+    quant = QUANTS[f"int{bits}"]
+    w = torch.from_numpy(rng.standard_normal((N, K)).astype(np.float32) * 0.05)  # [out, in]
+    q, scale = quant.quantize(w)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    x[..., :32] = 0  # an all-zero block: scale 1, every value 0
+    y = _product(library, bits, q.T.numpy(), scale.T.contiguous().numpy(), x_shape).run(None, {"x": x})[0]
+    rounded = int8_blocks(torch.from_numpy(x), 32).double().numpy()
+    exact = rounded @ quant.dequantize(q, scale).double().numpy().T
+    assert y.shape == (*x_shape[:-1], N)
+    assert np.abs(y - exact).max() <= 1e-6 * np.abs(exact).max()
+    unrounded = x.astype(np.float64) @ quant.dequantize(q, scale).double().numpy().T
+    assert np.abs(y - unrounded).max() > 1e-4 * np.abs(exact).max()  # the input rounding is there
+
+
+def test_shapes_that_do_not_multiply_are_an_error_not_a_crash(library):
+    q, scale = np.zeros((64, 32), np.int8), np.ones((2, 32), np.float32)
+    with pytest.raises(Exception, match=r"x \[1, 96\] and q \[64, 32\] do not multiply"):
+        _product(library, 8, q, scale, (1, 96)).run(None, {"x": np.zeros((1, 96), np.float32)})
+    with pytest.raises(Exception, match=r"input scale has shape \[3, 32\], expected \[2, 32\]"):
+        _product(library, 8, q, np.ones((3, 32), np.float32), (1, 64)).run(None, {"x": np.zeros((1, 64), np.float32)})
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("version", ["4", "7"])
+def test_fused_quantized_exports_multiply_with_the_kernels(exported, version, precision):
+    """The step graph's products are MatMulQ nodes on the same initializers the prefill graph dequantizes (int4:
+    one stretch of the weights file, seen as uint8 pairs by one and INT4 by the other); the certificate and its
+    weights check pass, and the logits sit where the portable export's do."""
+    out = exported(version, precision, "fused")
+    m = json.loads((out / "manifest.json").read_text())
+    bits = {"int8": 8, "int4": 4}[precision]
+    step = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    prefill = onnx.load(str(out / "prefill.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in step.node}
+    assert "DequantizeLinear" not in ops and f"MatMulQ{bits}" in ops and "DequantizeLinear" in {n.op_type for n in
+                                                                                                  prefill.node}
+    assert f"MatMulQ{bits}" in m["requires"]["custom_ops"]["ops"]
+    where = lambda t: (t.data_type, tuple(t.dims), [(e.key, e.value) for e in t.external_data])  # noqa: E731
+    a = {t.name: where(t) for t in step.initializer if t.name.endswith("~q")}
+    b = {t.name: where(t) for t in prefill.initializer if t.name.endswith("~q")}
+    name = next(n for n in a if ".ffn.key." in n)
+    assert a[name][2] == b[name][2] and a[name][2]  # the same bytes in the weights file
+    if bits == 4:
+        assert a[name][0] == onnx.TensorProto.UINT8 and b[name][0] == onnx.TensorProto.INT4
+        assert a[name][1] == (b[name][1][0], b[name][1][1] // 2)
+    report = verify(out, steps=16, batch=2, write=False)
+    assert report and report.weights["checked"] and not report.weights["differ"], report.table()
+    # the kernels round each product's input exactly as the reference does: the logits are the reference's to
+    # float32 summation order (ONNX Runtime's MatMulNBits rounds its own way: up to 1e-2 from it, v4 int8 here)
+    from rwkv_deploy.models import load_checkpoint
+    from rwkv_deploy.models.model import at_precision
+    from rwkv_deploy.validation.loop import stepwise
+
+    tokens = np.random.default_rng(4).integers(0, 97, (2, 12))
+    ours = np.asarray(stepwise(open_session(out), tokens)[0])
+    ref = stepwise(at_precision(load_checkpoint(m["source"]["path"]), precision), torch.from_numpy(tokens))[0]
+    assert normalised(ours, np.asarray(ref)) <= 1e-5
