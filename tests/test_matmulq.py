@@ -44,7 +44,7 @@ def _product(library, bits, q, scale, x_shape):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("K, N, x_shape", [(64, 200, (1, 1, 64)), (96, 40, (3, 96)), (768, 130, (2, 9, 768)),
-                                           (256, 256, (17, 256))])
+                                           (256, 256, (17, 256)), (128, 192, (5, 128))])
 def test_products_are_exact_integer_sums(library, bits, K, N, x_shape):
     """y = int8_blocks(x) (dequantized W), in float64: the kernel rounds x exactly as models/quant.py's
     reference does, multiplies in integers and scales once per block (float32 sums: ~1e-7 of the largest output).

@@ -16,8 +16,14 @@
 #include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>  // MatMulQ's AVX-512 VNNI path, compiled for that target alone and taken only where the CPU has it
-#define RWKV_VNNI 1
+#include <immintrin.h>  // MatMulQ's AVX-512 VNNI and AMX paths, compiled for those targets alone and taken only
+#define RWKV_VNNI 1         // where the CPU has them
+#if defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define RWKV_AMX 1  // AMX tiles need the kernel's permission (arch_prctl), asked once per process
+#endif
 #endif
 
 #define ORT_API_MANUAL_INIT  // a custom-op library gets the API from the runtime that loads it
@@ -249,6 +255,7 @@ Ort::Status WKV7(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
 // half to even), as ONNX Runtime's MatMulNBits does at accuracy level 4 and models/quant.py's Int8Input models;
 // each block's products are then an exact integer sum, scaled once.
 constexpr int64_t kQBlock = 32;
+constexpr int64_t kAmxRows = 4;  // from this many rows of x, AMX tiles (where the CPU has them) instead of VNNI
 
 struct QRows {  // x rounded per block: values, scales, and each block's sum of values
   std::vector<int8_t> q;
@@ -319,58 +326,73 @@ VNNI_TARGET inline void Lanes4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m51
   o[3] = _mm512_shuffle_f32x4(t1, t3, 0xDD);
 }
 
+// Block b's 32 rows of 64 columns (q's bytes for column n0 at qb) -> w[g][j], g the group of 4 rows: each 32-bit
+// lane holds one column's 4 consecutive k, as unsigned bytes (the weight offset by 128, int4 by 8: vpdpbusd and
+// tdpbsud multiply unsigned by signed bytes). The byte/word interleaves work within 128-bit lanes, so w[g][j]'s
+// lane L holds columns 16L + 4j .. 16L + 4j + 3. All 32 rows at once: their loads go out together (a group at a
+// time between the products was 13 % slower for a v4 step's int4 products).
+template <int BITS>
+VNNI_TARGET inline void UnpackBlock(const uint8_t* qb, int64_t row, int64_t b, __m512i (*w)[4]) {
+  const __m512i offset = _mm512_set1_epi8(BITS == 8 ? static_cast<char>(0x80) : 0x08);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  // int4: [low nibbles (even n) | high nibbles (odd n)] -> n order
+  const __m512i natural = _mm512_set_epi8(
+      63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18,
+      49, 17, 48, 16, 47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3,
+      34, 2, 33, 1, 32, 0);
+  for (int64_t g = 0; g < kQBlock / 4; ++g) {
+    __m512i r[4];  // rows k..k+3, columns n0..n0+63
+    for (int t = 0; t < 4; ++t) {
+      const uint8_t* src = qb + (b * kQBlock + 4 * g + t) * row;
+      if (BITS == 8) {
+        r[t] = _mm512_xor_si512(_mm512_loadu_si512(src), offset);
+      } else {
+        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(p), _mm256_srli_epi16(p, 4), 1);
+        r[t] = _mm512_permutexvar_epi8(natural, _mm512_xor_si512(_mm512_and_si512(v, nibble), offset));
+      }
+    }
+    const __m512i a = _mm512_unpacklo_epi8(r[0], r[1]), c = _mm512_unpackhi_epi8(r[0], r[1]);
+    const __m512i d = _mm512_unpacklo_epi8(r[2], r[3]), e = _mm512_unpackhi_epi8(r[2], r[3]);
+    w[g][0] = _mm512_unpacklo_epi16(a, d);
+    w[g][1] = _mm512_unpackhi_epi16(a, d);
+    w[g][2] = _mm512_unpacklo_epi16(c, e);
+    w[g][3] = _mm512_unpackhi_epi16(c, e);
+  }
+}
+
+// The rows of the tile 4 ahead of n0 in block b (past the stretch's end: the next block's first tiles) into L2: the
+// hardware prefetcher picks up each row's short run too late (measured: the int4 products of a v4 step 4.7 ms
+// instead of 5.5, 2 threads). Inlined by force: as a call it cost 15 % of the same products.
+template <int BITS>
+VNNI_TARGET __attribute__((always_inline)) inline void PrefetchAhead(const uint8_t* q, int64_t row, int64_t b,
+                                                                    int64_t nbk, int64_t n0, int64_t na, int64_t nb) {
+  int64_t pb = b, pn = n0 + 64 * 4;
+  if (pn >= nb) pb += 1, pn = na + std::min(pn - nb, nb - na - 64);
+  if (pb < nbk)
+    for (int64_t k = pb * kQBlock; k < (pb + 1) * kQBlock; ++k)
+      _mm_prefetch(reinterpret_cast<const char*>(q + k * row + (BITS == 8 ? pn : pn / 2)), _MM_HINT_T1);
+}
+
 // Columns [na, nb) (64 at a time) of every row with AVX-512 VNNI, the block loop outermost: each task then streams
-// its own stretch of every row of q (a task per 64 columns read strided and ran at half the bandwidth).
-// vpdpbusd multiplies unsigned by signed bytes: the weights go in offset by 128 (int4: 8), a block's sum of x times
-// that offset comes off again.
+// its own stretch of every row of q (a task per 64 columns read strided and ran at half the bandwidth). A block's
+// sum of x times the weights' offset comes off again after the products. From kAmxRows rows, the AMX path where
+// the CPU has one.
 template <int BITS>
 VNNI_TARGET void QColumnsVnni(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
                               int64_t M, const QRows& x, float* y) {
   constexpr int64_t MT = 4;  // rows of x per pass over a block's weights
   const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock;
-  const __m512i offset = _mm512_set1_epi8(BITS == 8 ? static_cast<char>(0x80) : 0x08);
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  alignas(64) uint8_t order[64];  // int4: [low nibbles (even n) | high nibbles (odd n)] -> n order
-  for (int p = 0; p < 64; ++p) order[p] = static_cast<uint8_t>(p % 2 == 0 ? p / 2 : 32 + p / 2);
-  const __m512i natural = _mm512_load_si512(order);
   for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + na, y + m * N + nb, 0.0f);
   for (int64_t b = 0; b < nbk; ++b) {
     for (int64_t n0 = na; n0 < nb; n0 += 64) {
       const uint8_t* qb = q + (BITS == 8 ? n0 : n0 / 2);
-      // the rows of the tile 4 ahead (past the stretch's end: the next block's first tiles) into L2: the hardware
-      // prefetcher picks up each row's short run too late (measured: the int4 products of a v4 step 4.7 ms
-      // instead of 5.5, 2 threads)
-      int64_t pb = b, pn = n0 + 64 * 4;
-      if (pn >= nb) pb += 1, pn = na + std::min(pn - nb, nb - na - 64);
-      if (pb < nbk)
-        for (int64_t k = pb * kQBlock; k < (pb + 1) * kQBlock; ++k)
-          _mm_prefetch(reinterpret_cast<const char*>(q + k * row + (BITS == 8 ? pn : pn / 2)), _MM_HINT_T1);
+      PrefetchAhead<BITS>(q, row, b, nbk, n0, na, nb);
       __m512 sv[4];  // the block's scales in the accumulators' order
       const float* sb = s + b * N + n0;
       Lanes4(_mm512_loadu_ps(sb), _mm512_loadu_ps(sb + 16), _mm512_loadu_ps(sb + 32), _mm512_loadu_ps(sb + 48), sv);
-      __m512i w[kQBlock / 4][4];  // the block's 32 rows of these 64 columns, unpacked once for every row of x
-      for (int64_t g = 0; g < kQBlock / 4; ++g) {
-        const int64_t k = b * kQBlock + 4 * g;
-        __m512i r[4];  // rows k..k+3, columns n0..n0+63, as unsigned bytes
-        for (int t = 0; t < 4; ++t) {
-          const uint8_t* src = qb + (k + t) * row;
-          if (BITS == 8) {
-            r[t] = _mm512_xor_si512(_mm512_loadu_si512(src), offset);
-          } else {
-            const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-            const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(p), _mm256_srli_epi16(p, 4), 1);
-            r[t] = _mm512_permutexvar_epi8(natural, _mm512_xor_si512(_mm512_and_si512(v, nibble), offset));
-          }
-        }
-        // 4 rows -> each 32-bit lane holds one column's 4 consecutive k (vpdpbusd's operand layout); the
-        // byte/word interleaves work within 128-bit lanes, so w[g][j]'s lane L holds columns 16L + 4j .. + 3
-        const __m512i a = _mm512_unpacklo_epi8(r[0], r[1]), c = _mm512_unpackhi_epi8(r[0], r[1]);
-        const __m512i d = _mm512_unpacklo_epi8(r[2], r[3]), e = _mm512_unpackhi_epi8(r[2], r[3]);
-        w[g][0] = _mm512_unpacklo_epi16(a, d);
-        w[g][1] = _mm512_unpackhi_epi16(a, d);
-        w[g][2] = _mm512_unpacklo_epi16(c, e);
-        w[g][3] = _mm512_unpackhi_epi16(c, e);
-      }
+      __m512i w[kQBlock / 4][4];
+      UnpackBlock<BITS>(qb, row, b, w);
       for (int64_t m0 = 0; m0 < M; m0 += MT) {
         const int64_t mt = std::min(MT, M - m0);
         __m512i acc[MT][4];
@@ -403,6 +425,86 @@ VNNI_TARGET void QColumnsVnni(const uint8_t* q, const float* s, int64_t K, int64
       for (int j = 0; j < 4; ++j) _mm512_storeu_ps(yo + 16 * j, o[j]);
     }
 }
+
+#ifdef RWKV_AMX
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,amx-tile,amx-int8")))
+bool HasAmx() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!HasVnni() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25)))
+      return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  return ok;
+}
+
+struct TileConfig {  // the layout _tile_loadconfig reads (palette 1)
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Columns [na, nb) for rows of x in tiles of 16 (x.q padded to a multiple of 16 rows) with AMX: per block and 64
+// columns, the unpacked weights become four B tiles (8 groups of 4 rows x 16 columns, columns in order) and
+// tdpbsud multiplies 16 rows of x by each; the block's scales then go on as in the VNNI path, in column order.
+template <int BITS>
+AMX_TARGET void QColumnsAmx(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
+                            int64_t M, const QRows& x, float* y) {
+  TileConfig cfg;
+  cfg.rows[0] = 16, cfg.colsb[0] = kQBlock;  // A: 16 rows of x, one block
+  cfg.rows[1] = kQBlock / 4, cfg.colsb[1] = 64;  // B: 8 groups of 4 rows, 16 columns x 4 bytes
+  for (int t = 2; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;  // C: 16 x 16 int32, one per 16 columns
+  _tile_loadconfig(&cfg);
+  const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock;
+  alignas(64) uint8_t B[4][kQBlock / 4][64];
+  alignas(64) int32_t C[4][16][16];
+  for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + na, y + m * N + nb, 0.0f);
+  for (int64_t b = 0; b < nbk; ++b) {
+    for (int64_t n0 = na; n0 < nb; n0 += 64) {
+      PrefetchAhead<BITS>(q, row, b, nbk, n0, na, nb);
+      __m512i w[kQBlock / 4][4];
+      UnpackBlock<BITS>(q + (BITS == 8 ? n0 : n0 / 2), row, b, w);
+      for (int64_t g = 0; g < kQBlock / 4; ++g) {  // lane L of w[g][0..3]: columns 16L .. 16L + 15, in order
+        __m512 o[4];
+        Lanes4(_mm512_castsi512_ps(w[g][0]), _mm512_castsi512_ps(w[g][1]), _mm512_castsi512_ps(w[g][2]),
+               _mm512_castsi512_ps(w[g][3]), o);
+        for (int L = 0; L < 4; ++L) _mm512_store_ps(reinterpret_cast<float*>(B[L][g]), o[L]);
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        _tile_loadd(0, x.q.data() + m0 * K + b * kQBlock, K);
+        _tile_zero(2);
+        _tile_zero(3);
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_loadd(1, B[0], 64);
+        _tile_dpbsud(2, 0, 1);
+        _tile_loadd(1, B[1], 64);
+        _tile_dpbsud(3, 0, 1);
+        _tile_loadd(1, B[2], 64);
+        _tile_dpbsud(4, 0, 1);
+        _tile_loadd(1, B[3], 64);
+        _tile_dpbsud(5, 0, 1);
+        _tile_stored(2, C[0], 64);
+        _tile_stored(3, C[1], 64);
+        _tile_stored(4, C[2], 64);
+        _tile_stored(5, C[3], 64);
+        for (int64_t i = 0; i < std::min<int64_t>(16, M - m0); ++i) {
+          const int64_t mb = (m0 + i) * nbk + b;
+          const __m512i off = _mm512_set1_epi32((BITS == 8 ? 128 : 8) * x.sum[mb]);
+          const __m512 xs = _mm512_set1_ps(x.scale[mb]);
+          float* yo = y + (m0 + i) * N + n0;
+          for (int L = 0; L < 4; ++L) {
+            const __m512 acc = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(C[L][i]), off));
+            const __m512 scale = _mm512_mul_ps(xs, _mm512_loadu_ps(s + b * N + n0 + 16 * L));  // columns in order
+            _mm512_storeu_ps(yo + 16 * L, _mm512_fmadd_ps(acc, scale, _mm512_loadu_ps(yo + 16 * L)));
+          }
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
 #endif
 
 // Contiguous stretches of columns, one per CPU this process may use: ONNX Runtime hands each of its threads a run
@@ -428,6 +530,10 @@ Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<
   float* out = y.Allocate(xs);
   QRows rows;
   QuantizeRows(x.Data(), M, K, rows);
+#ifdef RWKV_AMX
+  const bool amx = M >= kAmxRows && HasAmx();
+  if (amx) rows.q.resize((M + 15) / 16 * 16 * K, 0);  // whole tiles of 16 rows; the padding's outputs are dropped
+#endif
   const auto* qd = reinterpret_cast<const uint8_t*>(q.Data());
   const float* sd = scale.Data();
 #ifdef RWKV_VNNI
@@ -435,7 +541,15 @@ Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<
     const int64_t tiles = N / 64, tasks = ColumnTasks(tiles);
     auto body = [&](size_t t) {
       const int64_t na = 64 * (tiles * t / tasks), nb = 64 * (tiles * (t + 1) / tasks);
+#ifdef RWKV_AMX
+      if (amx) {
+        QColumnsAmx<BITS>(qd, sd, K, N, na, nb, M, rows, out);
+      } else {
+        QColumnsVnni<BITS>(qd, sd, K, N, na, nb, M, rows, out);
+      }
+#else
       QColumnsVnni<BITS>(qd, sd, K, N, na, nb, M, rows, out);
+#endif
       if (static_cast<int64_t>(t) == tasks - 1) QColumns<BITS>(qd, sd, K, N, 64 * tiles, N, M, rows, out);
     };
     if (tiles > 0) {
