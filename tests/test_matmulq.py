@@ -42,13 +42,17 @@ def _product(library, bits, q, scale, x_shape):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.parametrize("path", ["plain", "vnni", "amx"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("K, N, x_shape", [(64, 200, (1, 1, 64)), (96, 40, (3, 96)), (768, 130, (2, 9, 768)),
-                                           (256, 256, (17, 256)), (128, 192, (5, 128))])
-def test_products_are_exact_integer_sums(library, bits, K, N, x_shape):
+                                           (256, 256, (17, 256)), (128, 192, (3, 128)), (128, 320, (5, 128))])
+def test_products_are_exact_integer_sums(library, monkeypatch, path, bits, K, N, x_shape):
     """y = int8_blocks(x) (dequantized W), in float64: the kernel rounds x exactly as models/quant.py's
     reference does, multiplies in integers and scales once per block (float32 sums: ~1e-7 of the largest output).
-    N = 40 runs the plain loop alone, 130 and 200 the vector path and its tail columns."""
+    RWKV_DEPLOY_MATMULQ caps the path; a CPU without AVX-512 VNNI (or AMX) runs the best it has, so on this
+    workplace's CPU each runs as named. N = 40 is all tail (the plain loop), 130 and 200 have tail columns; AMX
+    takes 4 rows and more."""
+    monkeypatch.setenv("RWKV_DEPLOY_MATMULQ", path)
     rng = np.random.default_rng(K + N + bits)
     quant = QUANTS[f"int{bits}"]
     w = torch.from_numpy(rng.standard_normal((N, K)).astype(np.float32) * 0.05)  # [out, in]
@@ -107,3 +111,32 @@ def test_fused_quantized_exports_multiply_with_the_kernels(exported, version, pr
     ours = np.asarray(stepwise(open_session(out), tokens)[0])
     ref = stepwise(at_precision(load_checkpoint(m["source"]["path"]), precision), torch.from_numpy(tokens))[0]
     assert normalised(ours, np.asarray(ref)) <= 1e-5
+
+
+def test_a_cpu_without_the_vector_paths_is_told_to_use_portable(exported, monkeypatch, caplog):
+    """The library reports the path its products take on this CPU; where that is the plain loop (no AVX-512
+    VNNI), opening a fused int8/int4 export warns that a portable export is faster. The CPU's answer is stubbed:
+    this workplace's CPU has the vector paths."""
+    import ctypes
+
+    out = exported("7", "int8", "fused")
+    assert ctypes.CDLL(str(out / "librwkv_ops.so")).RwkvMatMulQPath  # exported
+    real = ctypes.CDLL
+
+    class WithoutVectors:
+        def __init__(self, path):
+            self.lib = real(path)
+
+        def __getattr__(self, name):
+            if name != "RwkvMatMulQPath":
+                return getattr(self.lib, name)
+            answer = lambda: b"plain"  # noqa: E731
+            return answer
+
+    with caplog.at_level("WARNING"):
+        open_session(out)
+    assert "no AVX-512 VNNI" not in caplog.text
+    monkeypatch.setattr(ctypes, "CDLL", WithoutVectors)
+    with caplog.at_level("WARNING"):
+        open_session(out)
+    assert "no AVX-512 VNNI" in caplog.text and "--wkv portable" in caplog.text

@@ -143,7 +143,7 @@ SIGNATURES = {
 
 
 # fused int8/int4 exports' products y = x W, W as q and scale (models/quant.py; int4: two a byte) -> q's type
-PRODUCTS = {"MatMulQ8": "tensor(int8)", "MatMulQ4": "tensor(uint8)"}
+QUANTIZED_PRODUCTS = {"MatMulQ8": "tensor(int8)", "MatMulQ4": "tensor(uint8)"}
 
 
 def register_for_export() -> None:
@@ -151,7 +151,7 @@ def register_for_export() -> None:
     import onnx
 
     P = onnx.defs.OpSchema.FormalParameter
-    for op, q in PRODUCTS.items():
+    for op, q in QUANTIZED_PRODUCTS.items():
         if not onnx.defs.has(op, DOMAIN):
             onnx.defs.register_schema(onnx.defs.OpSchema(
                 op, DOMAIN, OPSET, doc=f"y = x W with W blockwise-quantized ({op}); see custom_ops/cpu/wkv_ops.cc",

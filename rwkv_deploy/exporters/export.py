@@ -148,7 +148,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
             "vocab_size": d.vocab_size, "precision": precision,
             "weights_dtype": precision if quant else NP_DTYPE[dtype], "compute_dtype": NP_DTYPE[dtype],
             "quantization": quant and {
-                "method": quant.describe(),
+                "method": quant.describe(lora=lora_quantized),
                 "block_size": quant.block, "head_bits": quant.of("head").bits,
                 **({"lora_bits": quant.lora_bits} if lora_quantized else {}), "tensors": sorted(writer_quantized),
                 # what ONNX Runtime's fused MatMulNBits does by default and the certificate's reference too

@@ -254,7 +254,7 @@ class WeightWriter:
     def bind(self, proto, weight_names: set[str], path: Path, fuse: bool = True) -> None:
         """Take a traced graph's weights out of it (folding what depends on one weight alone) and remember what
         to write. fuse=False keeps a fused export's quantized products as DequantizeLinear + MatMul in this graph
-        (prefill: ONNX Runtime's MatMulNBits multiplies 256 rows faster than rwkv::MatMulQ*)."""
+        (prefill: at 256 rows rwkv::MatMulQ* gave no faster prefill than ONNX Runtime's MatMulNBits)."""
         import onnx
         from onnx import helper
 
@@ -316,9 +316,11 @@ class WeightWriter:
         self.graphs.append((proto, names, path, paired))
 
     def _dequantize(self, nodes, weights, source, rename, fuse: bool, paired: set) -> list:
-        """nodes with each quantizable projection's MatMul fed by DequantizeLinear(q, scale) (opset 21, blocks
-        along the MatMul's K axis) instead of its transposed float weight. Only weights that every consumer
-        takes as a MatMul's B input; anything else keeps its float copy."""
+        """nodes with each quantizable weight's MatMul (a projection read transposed, a LoRA factor read as it is)
+        fed by DequantizeLinear(q, scale) (opset 21, blocks along the MatMul's K axis) instead of its float weight,
+        or with fuse, an rwkv::MatMulQ8/MatMulQ4 node on q and scale in its place (`paired` collects the int4 q
+        it reads as uint8 pairs). Only weights that every consumer takes as a MatMul's B input; anything else keeps
+        its float copy."""
         import onnx
         from onnx import helper
 

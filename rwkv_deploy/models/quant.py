@@ -56,9 +56,10 @@ class Quant:
         bits = self.head_bits if key == "head" else self.lora_bits if key in LORA else None
         return Quant(bits, self.block) if bits else self
 
-    def describe(self) -> str:
+    def describe(self, lora: bool = True) -> str:
+        """The manifest's quantization.method; lora: whether the export has LoRA factors it quantized."""
         head = f", the head int{self.head_bits}" if self.head_bits and self.head_bits != self.bits else ""
-        lora = f", LoRA factors int{self.lora_bits}" if self.lora_bits else ""
+        lora = f", LoRA factors int{self.lora_bits}" if self.lora_bits and lora else ""
         return f"blockwise symmetric int{self.bits}{head}{lora} (DequantizeLinear, opset 21)"
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,7 +99,7 @@ def int8_blocks(x: Tensor, block: int) -> Tensor:
     return (torch.round(b / scale) * scale).reshape(x.shape)
 
 
-PRODUCTS = (torch.nn.functional.linear, torch.matmul, Tensor.matmul, Tensor.__matmul__)  # x @ W, F.linear(x, W)
+MATMULS = (torch.nn.functional.linear, torch.matmul, Tensor.matmul, Tensor.__matmul__)  # x @ W, F.linear(x, W)
 MOVES = (Tensor.to, Tensor.cuda, Tensor.cpu)  # a model moved to a device keeps computing as the export does
 
 
@@ -119,7 +120,7 @@ class Int8Input(Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
-            if func in PRODUCTS and len(args) > 1 and isinstance(args[1], Int8Input):  # x W or F.linear(x, W)
+            if func in MATMULS and len(args) > 1 and isinstance(args[1], Int8Input):  # x W or F.linear(x, W)
                 x, w = args[0], args[1]
                 return func(int8_blocks(x, w.block), w.as_subclass(Tensor), *args[2:], **kwargs)
             out = func(*args, **kwargs)

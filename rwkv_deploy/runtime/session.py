@@ -150,6 +150,18 @@ class OnnxSession(Session):
         # the library's kernels are CPU kernels: keep the CPU provider in the list
         if "CPUExecutionProvider" not in self.providers:
             self.providers = [*self.providers, "CPUExecutionProvider"]
+        ops = ((self.manifest.get("requires") or {}).get("custom_ops") or {}).get("ops", [])
+        if any(op.startswith("MatMulQ") for op in ops):
+            import ctypes
+
+            # trusted and registered above: the symbol only reports what the CPU offers
+            path_taken = getattr(ctypes.CDLL(str(path)), "RwkvMatMulQPath", None)
+            if path_taken is not None:
+                path_taken.restype = ctypes.c_char_p
+                if path_taken() == b"plain":
+                    log.warning("this CPU has no AVX-512 VNNI: the fused int8/int4 products of %s run a plain loop, "
+                                "slower than a portable export's MatMulNBits (re-export with --wkv portable)",
+                                self.folder)
 
     def _open(self, ort, name: str, opts):
         graph = self.manifest.graph(name)

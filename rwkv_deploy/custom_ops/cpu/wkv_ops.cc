@@ -8,6 +8,7 @@
 // intra-op thread pool. Bad shapes return an error status; nothing is read out of bounds.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -15,10 +16,13 @@
 #include <thread>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>  // MatMulQ's AVX-512 VNNI and AMX paths, compiled for those targets alone and taken only
-#define RWKV_VNNI 1         // where the CPU has them
-#if defined(__linux__)
+// MatMulQ's AVX-512 VNNI and AMX paths are compiled for those targets alone and taken only where the CPU has
+// them; a compiler too old for their intrinsics (GCC < 9 / clang < 9, AMX: GCC < 11 / clang < 12) builds the plain
+// loop alone.
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 9))
+#include <immintrin.h>
+#define RWKV_VNNI 1
+#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -284,28 +288,57 @@ void QuantizeRows(const float* x, int64_t rows, int64_t K, QRows& out) {
   }
 }
 
+// Columns [na, nb) (na even) of every row, any CPU: the tail columns of the vector paths, and everything where
+// there are none. Row by row through q, a block's integer sums for the whole stretch at a time: the loops over
+// columns vectorize (GCC builds them for AVX2 and the baseline and picks at load, as the WKV kernels).
 template <int BITS>
-inline int32_t QWeight(const uint8_t* q, int64_t row, int64_t k, int64_t n) {
-  if (BITS == 8) return static_cast<int8_t>(q[k * row + n]);
-  const uint8_t byte = q[k * row + n / 2];
-  return static_cast<int32_t>(((n & 1) ? byte >> 4 : byte & 15) ^ 8) - 8;  // two's complement nibble
+__attribute__((always_inline)) inline void QColumnsBody(const uint8_t* q, const float* s, int64_t K, int64_t N,
+                                                        int64_t na, int64_t nb, int64_t M, const QRows& x, float* y) {
+  const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock, width = nb - na;
+  std::vector<int32_t> dot(width);
+  for (int64_t m = 0; m < M; ++m) {
+    float* ym = y + m * N;
+    std::fill(ym + na, ym + nb, 0.0f);
+    for (int64_t b = 0; b < nbk; ++b) {
+      std::fill(dot.begin(), dot.end(), 0);
+      for (int64_t k = b * kQBlock; k < (b + 1) * kQBlock; ++k) {
+        const int32_t xk = x.q[m * K + k];
+        int32_t* d = dot.data();
+        if (BITS == 8) {
+          const int8_t* qk = reinterpret_cast<const int8_t*>(q) + k * row + na;
+          for (int64_t n = 0; n < width; ++n) d[n] += xk * qk[n];
+        } else {  // two a byte, the even column in the low nibble, two's complement
+          const uint8_t* qk = q + k * row + na / 2;
+          for (int64_t j = 0; j < width / 2; ++j) {
+            d[2 * j] += xk * (((qk[j] & 15) ^ 8) - 8);
+            d[2 * j + 1] += xk * (((qk[j] >> 4) ^ 8) - 8);
+          }
+        }
+      }
+      const float xs = x.scale[m * nbk + b];
+      const float* sb = s + b * N + na;
+      for (int64_t n = 0; n < width; ++n) ym[na + n] += static_cast<float>(dot[n]) * (xs * sb[n]);
+    }
+  }
 }
 
-// Columns [na, nb) of every row, any CPU: the tail columns of the vector path, and everything elsewhere.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__) && defined(__GLIBC__)
+#define PLAIN_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PLAIN_CLONES
+#endif
+PLAIN_CLONES void QColumns8(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
+                            int64_t M, const QRows& x, float* y) {
+  QColumnsBody<8>(q, s, K, N, na, nb, M, x, y);
+}
+PLAIN_CLONES void QColumns4(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
+                            int64_t M, const QRows& x, float* y) {
+  QColumnsBody<4>(q, s, K, N, na, nb, M, x, y);
+}
 template <int BITS>
 void QColumns(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb, int64_t M,
               const QRows& x, float* y) {
-  const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = na; n < nb; ++n) {
-      float acc = 0.0f;
-      for (int64_t b = 0; b < nbk; ++b) {
-        int32_t dot = 0;
-        for (int64_t k = b * kQBlock; k < (b + 1) * kQBlock; ++k) dot += x.q[m * K + k] * QWeight<BITS>(q, row, k, n);
-        acc += static_cast<float>(dot) * (x.scale[m * nbk + b] * s[b * N + n]);
-      }
-      y[m * N + n] = acc;
-    }
+  (BITS == 8 ? QColumns8 : QColumns4)(q, s, K, N, na, nb, M, x, y);
 }
 
 #ifdef RWKV_VNNI
@@ -507,11 +540,13 @@ AMX_TARGET void QColumnsAmx(const uint8_t* q, const float* s, int64_t K, int64_t
 #endif
 #endif
 
-// Contiguous stretches of columns, one per CPU this process may use: ONNX Runtime hands each of its threads a run
-// of consecutive tasks, and a stretch per task keeps every thread streaming rows rather than striding down columns.
+// Contiguous stretches of columns: ONNX Runtime hands each of its threads a run of consecutive tasks, and a
+// stretch per task keeps every thread streaming rows rather than striding down columns (a task per 64 columns ran
+// at half the bandwidth). One per CPU the machine reports (ONNX Runtime's thread count is not visible to a
+// kernel), but at least 4 tiles each.
 int64_t ColumnTasks(int64_t tiles) {
   static const int64_t cpus = std::max(1u, std::thread::hardware_concurrency());
-  return std::max<int64_t>(1, std::min(tiles, cpus));
+  return std::max<int64_t>(1, std::min(tiles / 4, cpus));
 }
 
 template <int BITS, typename QT>
@@ -520,7 +555,7 @@ Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<
   const char* op = BITS == 8 ? "MatMulQ8" : "MatMulQ4";
   Shape xs = x.Shape();
   const Shape& qs = q.Shape();
-  if (xs.empty() || qs.size() != 2 || xs.back() != qs[0] || qs[0] % kQBlock != 0)
+  if (xs.empty() || qs.size() != 2 || xs.back() != qs[0] || qs[0] % kQBlock != 0 || qs[0] == 0)
     return Invalid(std::string("rwkv::") + op + ": x " + Str(xs) + " and q " + Str(qs) +
                    " do not multiply (q [K, N" + (BITS == 8 ? "" : " / 2") + "], K a multiple of 32)");
   const int64_t K = qs[0], N = BITS == 8 ? qs[1] : 2 * qs[1];
@@ -530,14 +565,17 @@ Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<
   float* out = y.Allocate(xs);
   QRows rows;
   QuantizeRows(x.Data(), M, K, rows);
+  // RWKV_DEPLOY_MATMULQ=plain|vnni|amx caps the path (tests and benchmarks run each on one CPU); unset: the best
+  const char* cap = std::getenv("RWKV_DEPLOY_MATMULQ");
+  const char path = cap && *cap ? cap[0] : 'a';
 #ifdef RWKV_AMX
-  const bool amx = M >= kAmxRows && HasAmx();
+  const bool amx = path == 'a' && M >= kAmxRows && HasAmx();
   if (amx) rows.q.resize((M + 15) / 16 * 16 * K, 0);  // whole tiles of 16 rows; the padding's outputs are dropped
 #endif
   const auto* qd = reinterpret_cast<const uint8_t*>(q.Data());
   const float* sd = scale.Data();
 #ifdef RWKV_VNNI
-  if (HasVnni()) {
+  if (path != 'p' && HasVnni()) {
     const int64_t tiles = N / 64, tasks = ColumnTasks(tiles);
     auto body = [&](size_t t) {
       const int64_t na = 64 * (tiles * t / tasks), nb = 64 * (tiles * (t + 1) / tasks);
@@ -560,8 +598,11 @@ Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<
     return Ort::Status{nullptr};
   }
 #endif
-  const int64_t tasks = ColumnTasks(N);
-  auto body = [&](size_t t) { QColumns<BITS>(qd, sd, K, N, N * t / tasks, N * (t + 1) / tasks, M, rows, out); };
+  const int64_t tiles = (N + 63) / 64, tasks = ColumnTasks(tiles);  // stretches of whole 64s: na stays even
+  auto body = [&](size_t task) {
+    const int64_t t = static_cast<int64_t>(task);
+    QColumns<BITS>(qd, sd, K, N, 64 * (tiles * t / tasks), std::min(N, 64 * (tiles * (t + 1) / tasks)), M, rows, out);
+  };
   ParallelFor(ctx, static_cast<size_t>(tasks), body);
   return Ort::Status{nullptr};
 }
@@ -640,6 +681,18 @@ extern "C" {
 // the manifest (reading, not loading: a wrong library is never mapped into the process).
 __attribute__((used)) static const char kVersionTag[] = "rwkv-deploy-ops-version=" RWKV_DEPLOY_VERSION ";";
 RWKV_EXPORT const char* RwkvOpsVersion() { return kVersionTag; }
+
+// The fastest path rwkv::MatMulQ8/MatMulQ4 take on this CPU: "amx", "vnni" or "plain" (the session warns on
+// "plain": a quantized fused export is then slower than a portable one).
+RWKV_EXPORT const char* RwkvMatMulQPath() {
+#ifdef RWKV_AMX
+  if (HasAmx()) return "amx";
+#endif
+#ifdef RWKV_VNNI
+  if (HasVnni()) return "vnni";
+#endif
+  return "plain";
+}
 
 RWKV_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
