@@ -159,9 +159,9 @@ class OnnxSession(Session):
             if path_taken is not None:
                 path_taken.restype = ctypes.c_char_p
                 if path_taken() == b"plain":
-                    log.warning("this CPU has no AVX-512 VNNI: the fused int8/int4 products of %s run a plain loop, "
-                                "slower than a portable export's MatMulNBits (re-export with --wkv portable)",
-                                self.folder)
+                    log.warning("on this CPU (or with this library's compiler) the fused int8/int4 products of %s "
+                                "run a plain loop, slower than a portable export's MatMulNBits (re-export with "
+                                "--wkv portable)", self.folder)
 
     def _open(self, ort, name: str, opts):
         graph = self.manifest.graph(name)

@@ -394,14 +394,14 @@ VNNI_TARGET inline void UnpackBlock(const uint8_t* qb, int64_t row, int64_t b, _
   }
 }
 
-// The rows of the tile 4 ahead of n0 in block b (past the stretch's end: the next block's first tiles) into L2: the
+// The rows of the columns 256 ahead of n0 in block b (past the stretch's end: the next block's first tiles) into L2: the
 // hardware prefetcher picks up each row's short run too late (measured: the int4 products of a v4 step 4.7 ms
 // instead of 5.5, 2 threads). Inlined by force: as a call it cost 15 % of the same products.
-template <int BITS>
-VNNI_TARGET __attribute__((always_inline)) inline void PrefetchAhead(const uint8_t* q, int64_t row, int64_t b,
-                                                                    int64_t nbk, int64_t n0, int64_t na, int64_t nb) {
-  int64_t pb = b, pn = n0 + 64 * 4;
-  if (pn >= nb) pb += 1, pn = na + std::min(pn - nb, nb - na - 64);
+template <int BITS, int WIDTH = 64>
+__attribute__((always_inline)) inline void PrefetchAhead(const uint8_t* q, int64_t row, int64_t b, int64_t nbk,
+                                                         int64_t n0, int64_t na, int64_t nb) {
+  int64_t pb = b, pn = n0 + 256;
+  if (pn >= nb) pb += 1, pn = na + std::min(pn - nb, nb - na - WIDTH);
   if (pb < nbk)
     for (int64_t k = pb * kQBlock; k < (pb + 1) * kQBlock; ++k)
       _mm_prefetch(reinterpret_cast<const char*>(q + k * row + (BITS == 8 ? pn : pn / 2)), _MM_HINT_T1);
@@ -457,6 +457,89 @@ VNNI_TARGET void QColumnsVnni(const uint8_t* q, const float* s, int64_t K, int64
       Lanes4(_mm512_loadu_ps(yo), _mm512_loadu_ps(yo + 16), _mm512_loadu_ps(yo + 32), _mm512_loadu_ps(yo + 48), o);
       for (int j = 0; j < 4; ++j) _mm512_storeu_ps(yo + 16 * j, o[j]);
     }
+}
+
+// ---- AVX2 (no AVX-512 VNNI): 32 columns a tile; the products as ggml's pre-VNNI kernels do them: |x| times the
+// weights with x's sign (vpsignb), pairs summed by vpmaddubsw (at most 2 x 127 x 127, no saturation), then pairs
+// of pairs by vpmaddwd. Signed weights: no offset to take back off.
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+bool HasAvx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+// Block b's 32 rows of 32 columns -> w[g][j] as UnpackBlock's, 128-bit lane L of w[g][j] holding columns
+// 16L + 4j .. 16L + 4j + 3, the weights signed.
+template <int BITS>
+AVX2_TARGET inline void UnpackBlock32(const uint8_t* qb, int64_t row, int64_t b, __m256i (*w)[4]) {
+  const __m256i eight = _mm256_set1_epi8(8);
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  for (int64_t g = 0; g < kQBlock / 4; ++g) {
+    __m256i r[4];  // rows k..k+3, columns n0..n0+31
+    for (int t = 0; t < 4; ++t) {
+      const uint8_t* src = qb + (b * kQBlock + 4 * g + t) * row;
+      if (BITS == 8) {
+        r[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      } else {  // 16 bytes: even columns in the low nibbles
+        const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+        const __m128i lo = _mm_and_si128(p, nibble), hi = _mm_and_si128(_mm_srli_epi16(p, 4), nibble);
+        const __m256i v = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+        r[t] = _mm256_sub_epi8(_mm256_xor_si256(v, eight), eight);  // two's complement nibbles -> int8
+      }
+    }
+    const __m256i a = _mm256_unpacklo_epi8(r[0], r[1]), c = _mm256_unpackhi_epi8(r[0], r[1]);
+    const __m256i d = _mm256_unpacklo_epi8(r[2], r[3]), e = _mm256_unpackhi_epi8(r[2], r[3]);
+    w[g][0] = _mm256_unpacklo_epi16(a, d);
+    w[g][1] = _mm256_unpackhi_epi16(a, d);
+    w[g][2] = _mm256_unpacklo_epi16(c, e);
+    w[g][3] = _mm256_unpackhi_epi16(c, e);
+  }
+}
+
+template <int BITS>
+AVX2_TARGET void QColumnsAvx2(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
+                              int64_t M, const QRows& x, float* y) {
+  constexpr int64_t MT = 2;  // rows of x per pass (16 vector registers)
+  const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + na, y + m * N + nb, 0.0f);
+  for (int64_t b = 0; b < nbk; ++b) {
+    for (int64_t n0 = na; n0 < nb; n0 += 32) {
+      PrefetchAhead<BITS, 32>(q, row, b, nbk, n0, na, nb);
+      const float* sb = s + b * N + n0;
+      const __m256 s0 = _mm256_loadu_ps(sb), s1 = _mm256_loadu_ps(sb + 8), s2 = _mm256_loadu_ps(sb + 16),
+                   s3 = _mm256_loadu_ps(sb + 24);
+      const __m256 sv[4] = {_mm256_permute2f128_ps(s0, s2, 0x20), _mm256_permute2f128_ps(s0, s2, 0x31),
+                            _mm256_permute2f128_ps(s1, s3, 0x20), _mm256_permute2f128_ps(s1, s3, 0x31)};
+      __m256i w[kQBlock / 4][4];
+      UnpackBlock32<BITS>(q + (BITS == 8 ? n0 : n0 / 2), row, b, w);
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const int64_t mt = std::min(MT, M - m0);
+        __m256i acc[MT][4];
+        for (auto& row_acc : acc)
+          for (auto& v : row_acc) v = _mm256_setzero_si256();
+        for (int64_t g = 0; g < kQBlock / 4; ++g)
+          for (int64_t i = 0; i < mt; ++i) {
+            int32_t xk;  // x's 4 values at k..k+3, in every 32-bit lane
+            std::memcpy(&xk, x.q.data() + (m0 + i) * K + b * kQBlock + 4 * g, 4);
+            const __m256i xb = _mm256_set1_epi32(xk), ax = _mm256_abs_epi8(xb);
+            for (int j = 0; j < 4; ++j) {
+              const __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[g][j], xb));
+              acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(pairs, ones));
+            }
+          }
+        for (int64_t i = 0; i < mt; ++i) {
+          const __m256 xs = _mm256_set1_ps(x.scale[(m0 + i) * nbk + b]);
+          __m256 c[4];
+          for (int j = 0; j < 4; ++j) c[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][j]), _mm256_mul_ps(xs, sv[j]));
+          const __m256 natural[4] = {_mm256_permute2f128_ps(c[0], c[1], 0x20), _mm256_permute2f128_ps(c[2], c[3], 0x20),
+                                     _mm256_permute2f128_ps(c[0], c[1], 0x31), _mm256_permute2f128_ps(c[2], c[3], 0x31)};
+          float* yo = y + (m0 + i) * N + n0;
+          for (int v = 0; v < 4; ++v) _mm256_storeu_ps(yo + 8 * v, _mm256_add_ps(_mm256_loadu_ps(yo + 8 * v), natural[v]));
+        }
+      }
+    }
+  }
 }
 
 #ifdef RWKV_AMX
@@ -549,6 +632,32 @@ int64_t ColumnTasks(int64_t tiles) {
   return std::max<int64_t>(1, std::min(tiles / 4, cpus));
 }
 
+enum class QPath { kPlain, kAvx2, kVnni, kAmx };  // in order of speed
+const char* const kPathNames[] = {"plain", "avx2", "vnni", "amx"};
+
+QPath BestPath() {
+  static const QPath best = [] {
+#ifdef RWKV_AMX
+    if (HasAmx()) return QPath::kAmx;
+#endif
+#ifdef RWKV_VNNI
+    if (HasVnni()) return QPath::kVnni;
+    if (HasAvx2()) return QPath::kAvx2;
+#endif
+    return QPath::kPlain;
+  }();
+  return best;
+}
+
+// The path this call takes: the best this CPU has, capped by RWKV_DEPLOY_MATMULQ=plain|avx2|vnni (tests and
+// benchmarks run each on one CPU; read per call, a few hundred nanoseconds against tens of microseconds).
+QPath Path() {
+  const char* cap = std::getenv("RWKV_DEPLOY_MATMULQ");
+  for (int p = 0; cap && p < static_cast<int>(BestPath()); ++p)
+    if (std::strcmp(cap, kPathNames[p]) == 0) return static_cast<QPath>(p);
+  return BestPath();
+}
+
 template <int BITS, typename QT>
 Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<QT>& q, const Tensor<float>& scale,
                     Tensor<float>& y) {
@@ -565,30 +674,27 @@ Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<
   float* out = y.Allocate(xs);
   QRows rows;
   QuantizeRows(x.Data(), M, K, rows);
-  // RWKV_DEPLOY_MATMULQ=plain|vnni|amx caps the path (tests and benchmarks run each on one CPU); unset: the best
-  const char* cap = std::getenv("RWKV_DEPLOY_MATMULQ");
-  const char path = cap && *cap ? cap[0] : 'a';
-#ifdef RWKV_AMX
-  const bool amx = path == 'a' && M >= kAmxRows && HasAmx();
-  if (amx) rows.q.resize((M + 15) / 16 * 16 * K, 0);  // whole tiles of 16 rows; the padding's outputs are dropped
-#endif
   const auto* qd = reinterpret_cast<const uint8_t*>(q.Data());
   const float* sd = scale.Data();
+  const QPath path = Path();
 #ifdef RWKV_VNNI
-  if (path != 'p' && HasVnni()) {
-    const int64_t tiles = N / 64, tasks = ColumnTasks(tiles);
-    auto body = [&](size_t t) {
-      const int64_t na = 64 * (tiles * t / tasks), nb = 64 * (tiles * (t + 1) / tasks);
+  if (path != QPath::kPlain) {
+    const bool amx = path == QPath::kAmx && M >= kAmxRows;
+    if (amx) rows.q.resize((M + 15) / 16 * 16 * K, 0);  // whole tiles of 16 rows; the padding's outputs are dropped
+    const int64_t width = path == QPath::kAvx2 ? 32 : 64, tiles = N / width, tasks = ColumnTasks(tiles * width / 64);
+    auto body = [&](size_t task) {
+      const int64_t t = static_cast<int64_t>(task), na = width * (tiles * t / tasks);
+      const int64_t nb = width * (tiles * (t + 1) / tasks);
+      if (path == QPath::kAvx2) {
+        QColumnsAvx2<BITS>(qd, sd, K, N, na, nb, M, rows, out);
 #ifdef RWKV_AMX
-      if (amx) {
+      } else if (amx) {
         QColumnsAmx<BITS>(qd, sd, K, N, na, nb, M, rows, out);
+#endif
       } else {
         QColumnsVnni<BITS>(qd, sd, K, N, na, nb, M, rows, out);
       }
-#else
-      QColumnsVnni<BITS>(qd, sd, K, N, na, nb, M, rows, out);
-#endif
-      if (static_cast<int64_t>(t) == tasks - 1) QColumns<BITS>(qd, sd, K, N, 64 * tiles, N, M, rows, out);
+      if (t == tasks - 1) QColumns<BITS>(qd, sd, K, N, width * tiles, N, M, rows, out);
     };
     if (tiles > 0) {
       ParallelFor(ctx, static_cast<size_t>(tasks), body);
@@ -682,17 +788,9 @@ extern "C" {
 __attribute__((used)) static const char kVersionTag[] = "rwkv-deploy-ops-version=" RWKV_DEPLOY_VERSION ";";
 RWKV_EXPORT const char* RwkvOpsVersion() { return kVersionTag; }
 
-// The fastest path rwkv::MatMulQ8/MatMulQ4 take on this CPU: "amx", "vnni" or "plain" (the session warns on
-// "plain": a quantized fused export is then slower than a portable one).
-RWKV_EXPORT const char* RwkvMatMulQPath() {
-#ifdef RWKV_AMX
-  if (HasAmx()) return "amx";
-#endif
-#ifdef RWKV_VNNI
-  if (HasVnni()) return "vnni";
-#endif
-  return "plain";
-}
+// The fastest path rwkv::MatMulQ8/MatMulQ4 take on this CPU: "amx", "vnni", "avx2" or "plain" (the session warns
+// on "plain": a quantized fused export is then slower than a portable one).
+RWKV_EXPORT const char* RwkvMatMulQPath() { return kPathNames[static_cast<int>(BestPath())]; }
 
 RWKV_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
