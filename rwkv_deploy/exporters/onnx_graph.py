@@ -334,8 +334,8 @@ class WeightWriter:
         for n in nodes:
             for i, x in enumerate(n.input):
                 consumers.setdefault(x, []).append((n.op_type, i))
-        picked = {name: self.quantizable(w, [d.dim_value for d in weights[w].type.tensor_type.shape.dim], transposed)
-                  for name, (w, transposed) in products.items()
+        dims = {w: [d.dim_value for d in v.type.tensor_type.shape.dim] for w, v in weights.items()}
+        picked = {name: self.quantizable(w, dims[w], transposed) for name, (w, transposed) in products.items()
                   if all(c == ("MatMul", 1) for c in consumers.get(name, [("none", 0)]))}
         picked = {name: q for name, q in picked.items() if q is not None}
         self.quantized |= picked
@@ -346,7 +346,7 @@ class WeightWriter:
         out, dequantized = [], set()
         for n in nodes:
             name = n.input[1] if n.op_type == "MatMul" else None
-            if fuse and name in picked and _fusable(picked[name], weights[products[name][0]], products[name][1]):
+            if fuse and name in picked and _fusable(picked[name], dims[products[name][0]], products[name][1]):
                 q = picked[name]
                 if q.bits == 4:
                     paired.add(f"{name}~q")
@@ -447,10 +447,9 @@ class WeightWriter:
         written.add(name)
 
 
-def _fusable(quant, weight, transposed: bool) -> bool:
-    """Whether rwkv::MatMulQ8/MatMulQ4 can take this product: the kernels' block of 32, and for int4 an even
-    number of outputs (two a byte)."""
-    dims = [d.dim_value for d in weight.type.tensor_type.shape.dim]
+def _fusable(quant, dims: list[int], transposed: bool) -> bool:
+    """Whether rwkv::MatMulQ8/MatMulQ4 can take the product of a weight of these dims: the kernels' block of 32,
+    and for int4 an even number of outputs (two a byte)."""
     return quant.block == 32 and (quant.bits == 8 or (dims[0] if transposed else dims[1]) % 2 == 0)
 
 

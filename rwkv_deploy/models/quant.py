@@ -59,8 +59,8 @@ class Quant:
     def describe(self, lora: bool = True) -> str:
         """The manifest's quantization.method; lora: whether the export has LoRA factors it quantized."""
         head = f", the head int{self.head_bits}" if self.head_bits and self.head_bits != self.bits else ""
-        lora = f", LoRA factors int{self.lora_bits}" if self.lora_bits and lora else ""
-        return f"blockwise symmetric int{self.bits}{head}{lora} (DequantizeLinear, opset 21)"
+        factors = f", LoRA factors int{self.lora_bits}" if self.lora_bits and lora else ""
+        return f"blockwise symmetric int{self.bits}{head}{factors} (DequantizeLinear, opset 21)"
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """w [out, in] -> (q int8 [out, in], scale float32 [out, in / block])."""

@@ -362,8 +362,8 @@ VNNI_TARGET inline void Lanes4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m51
 // Block b's 32 rows of 64 columns (q's bytes for column n0 at qb) -> w[g][j], g the group of 4 rows: each 32-bit
 // lane holds one column's 4 consecutive k, as unsigned bytes (the weight offset by 128, int4 by 8: vpdpbusd and
 // tdpbsud multiply unsigned by signed bytes). The byte/word interleaves work within 128-bit lanes, so w[g][j]'s
-// lane L holds columns 16L + 4j .. 16L + 4j + 3. All 32 rows at once: their loads go out together (a group at a
-// time between the products was 13 % slower for a v4 step's int4 products).
+// lane L holds columns 16L + 4j .. 16L + 4j + 3. All 32 rows at once, so that their loads go out together and
+// every row of x (and the AMX path's tiles) reuses them.
 template <int BITS>
 VNNI_TARGET inline void UnpackBlock(const uint8_t* qb, int64_t row, int64_t b, __m512i (*w)[4]) {
   const __m512i offset = _mm512_set1_epi8(BITS == 8 ? static_cast<char>(0x80) : 0x08);
@@ -394,9 +394,9 @@ VNNI_TARGET inline void UnpackBlock(const uint8_t* qb, int64_t row, int64_t b, _
   }
 }
 
-// The rows of the columns 256 ahead of n0 in block b (past the stretch's end: the next block's first tiles) into L2: the
-// hardware prefetcher picks up each row's short run too late (measured: the int4 products of a v4 step 4.7 ms
-// instead of 5.5, 2 threads). Inlined by force: as a call it cost 15 % of the same products.
+// The rows of the columns 256 ahead of n0 in block b (past the stretch's end: the next block's first tiles) into
+// L2: the hardware prefetcher picks up each row's short run too late (measured: the int4 products of a v4 step
+// 4.7 ms instead of 5.5, 2 threads). Inlined by force: as a call it cost 15 % of the same products.
 template <int BITS, int WIDTH = 64>
 __attribute__((always_inline)) inline void PrefetchAhead(const uint8_t* q, int64_t row, int64_t b, int64_t nbk,
                                                          int64_t n0, int64_t na, int64_t nb) {
@@ -532,10 +532,12 @@ AVX2_TARGET void QColumnsAvx2(const uint8_t* q, const float* s, int64_t K, int64
           const __m256 xs = _mm256_set1_ps(x.scale[(m0 + i) * nbk + b]);
           __m256 c[4];
           for (int j = 0; j < 4; ++j) c[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][j]), _mm256_mul_ps(xs, sv[j]));
-          const __m256 natural[4] = {_mm256_permute2f128_ps(c[0], c[1], 0x20), _mm256_permute2f128_ps(c[2], c[3], 0x20),
-                                     _mm256_permute2f128_ps(c[0], c[1], 0x31), _mm256_permute2f128_ps(c[2], c[3], 0x31)};
+          const __m256 natural[4] = {  // columns 0-7, 8-15, 16-23, 24-31
+              _mm256_permute2f128_ps(c[0], c[1], 0x20), _mm256_permute2f128_ps(c[2], c[3], 0x20),
+              _mm256_permute2f128_ps(c[0], c[1], 0x31), _mm256_permute2f128_ps(c[2], c[3], 0x31)};
           float* yo = y + (m0 + i) * N + n0;
-          for (int v = 0; v < 4; ++v) _mm256_storeu_ps(yo + 8 * v, _mm256_add_ps(_mm256_loadu_ps(yo + 8 * v), natural[v]));
+          for (int v = 0; v < 4; ++v)
+            _mm256_storeu_ps(yo + 8 * v, _mm256_add_ps(_mm256_loadu_ps(yo + 8 * v), natural[v]));
         }
       }
     }
