@@ -3,8 +3,9 @@
     decode tok/s   batch x N single steps per repeat, median of repeats after a warm-up
     prefill tok/s  batch x T prompt tokens in one `forward` call (the prefill graph when the export has one)
     TTFT           the time of that call: a prompt's first logits
-    floor          weight bytes read per decode step / the bandwidth a large matrix-vector product reaches on this
-                   machine now; decode cannot beat bytes/bandwidth at batch 1, so decode / floor says how close
+    floor          weight bytes read per decode step / the bandwidth a matrix-vector product reading as many bytes
+                   reaches on this machine now; decode cannot beat bytes/bandwidth at batch 1, so decode / floor
+                   says how close
     peak RSS       of this process (the session and its weights)
 
 `against="rwkv"` times the official package on the same checkpoint in the same run (validation/official.py).
@@ -26,7 +27,10 @@ from .errors import RWKVDeployError, check_batch
 
 log = logging.getLogger(__name__)
 
-BANDWIDTH_BYTES = 256 << 20  # the matrix of the bandwidth probe: far larger than any cache here
+# The bandwidth probe reads as many bytes as a decode step, within these bounds: caches are large enough here
+# (2 CPUs of a 480 MiB-L3 host) that a 128 MB read runs at 1.6x and a 256 MB one at 1.1x the rate of 1 GB,
+# so one fixed size would flatter large exports' floors and understate small ones'.
+PROBE_BYTES = (16 << 20, 512 << 20)
 PEERS = ("rwkv",)  # the official package; rwkv.cpp is compared by bench/speed_table.py (it is not on PyPI)
 
 
@@ -60,7 +64,7 @@ class BenchResult:
                 ("prefill", f"{self.prefill_tok_s:.1f} tok/s", f"batch {self.batch} x {self.prompt_len} tokens "
                  + ("in one call" if self.prefill_one_call else "step by step (no prefill graph)")),
                 ("time to first token", f"{self.ttft_s * 1e3:.1f} ms", f"prompt of {self.prompt_len}"),
-                ("bandwidth", f"{self.bandwidth_gb_s:.1f} GB/s", "a large float32 matrix-vector product, now")]
+                ("bandwidth", f"{self.bandwidth_gb_s:.1f} GB/s", "a float32 matrix-vector product reading as much, now")]
         if self.floor_tok_s:
             rows.append(("floor (batch 1)", f"{self.floor_tok_s:.1f} tok/s",
                          f"{self.weight_bytes_read / 1e6:.0f} MB read per step ({self.weight_bytes_note}); decode at "
@@ -78,43 +82,42 @@ class BenchResult:
         return asdict(self)
 
 
-def measure_bandwidth(threads: int | None = None, seconds: float = 0.3) -> float:
-    """Bytes/s that ONNX Runtime's float32 MatMul pulls from memory for a [1, K] x [K, N] product of 256 MB,
-    with the thread count the model runs with: the same kind of read a decode step does, so the floor is
-    what this machine gives that kernel now (other load included), not a datasheet figure."""
-    import onnx
+def measure_bandwidth(nbytes: int | None = None, threads: int | None = None, seconds: float = 0.3) -> float:
+    """Bytes/s that ONNX Runtime's float32 MatMul pulls from memory for a [1, K] x [K, N] product of `nbytes`
+    (clamped to PROBE_BYTES; the upper bound without a size), with the thread count the model runs with: the
+    same kind and size of read a decode step does, so the floor is what this machine gives that kernel now
+    (other load included), not a datasheet figure."""
     from onnx import TensorProto, helper
 
     from .runtime.session import _ort
 
     ort = _ort()
     K = 4096
-    N = BANDWIDTH_BYTES // 4 // K
-    w = np.random.default_rng(0).standard_normal((K, N), dtype=np.float32)  # [K, N]
+    N = min(max(nbytes or PROBE_BYTES[1], PROBE_BYTES[0]), PROBE_BYTES[1]) // 4 // K
+    w = np.full((K, N), 0.5, np.float32)  # [K, N]: fed as an input, so ONNX Runtime reads this array, no copy
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "bandwidth",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
-                              [onnx.numpy_helper.from_array(w, "w")])
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [K, N])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])])
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
                                 .SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    del w, graph
-    x = np.ones((1, K), np.float32)
-    sess.run(None, {"x": x})
+    feed = {"x": np.ones((1, K), np.float32), "w": w}
+    sess.run(None, feed)
     times, t_end = [], time.perf_counter() + seconds
     while time.perf_counter() < t_end or len(times) < 5:
         t = time.perf_counter()
-        sess.run(None, {"x": x})
+        sess.run(None, feed)
         times.append(time.perf_counter() - t)
-    return BANDWIDTH_BYTES / float(np.median(times))
+    return w.nbytes / float(np.median(times))
 
 
 def weight_bytes_per_step(folder: Path, manifest, providers: list[str]) -> tuple[int, str]:
     """Bytes of weights a decode step reads: every initializer of the step graph but the embedding table (a
     step gathers B rows of it). ONNX Runtime's CPU provider computes fp16 MatMuls in float32 on x86, casting the
-    weights once at load, so there an fp16 weight is read as 4 bytes."""
+    weights once at load, so there an fp16 weight is read as 4 bytes, unless only rwkv::MatMulF16 reads it."""
     import onnx
 
     proto = onnx.load(str(folder / manifest.graph("step")["file"]), load_external_data=False)
@@ -122,15 +125,16 @@ def weight_bytes_per_step(folder: Path, manifest, providers: list[str]) -> tuple
     bits = {T.FLOAT: 32, T.FLOAT16: 16, T.BFLOAT16: 16, T.DOUBLE: 64, T.INT64: 64, T.INT32: 32, T.INT8: 8,
             T.UINT8: 8, T.INT4: 4, T.UINT4: 4}
     cpu = providers[:1] == ["CPUExecutionProvider"]
+    widening = {x for n in proto.graph.node if n.op_type != "MatMulF16" for x in n.input}  # ONNX Runtime's own ops
     total, widened = 0, 0
     for t in proto.graph.initializer:
         if t.name.startswith("model.emb"):
             continue
         n = int(np.prod(t.dims, dtype=np.int64))
-        if t.data_type == onnx.TensorProto.FLOAT16 and cpu:
+        if t.data_type == onnx.TensorProto.FLOAT16 and cpu and t.name in widening:
             widened += n * 2
         total += (n * bits.get(t.data_type, 32) + 7) // 8  # int4: two values a byte
-    note = "as stored" if not widened else f"fp16 weights read as float32 by the CPU provider: {widened / 1e6:.0f} MB more"
+    note = "as stored" if not widened else f"fp16 weights read as float32 by the CPU provider: {widened / 1e6:.2g} MB more"
     return total + widened, note
 
 
@@ -176,9 +180,9 @@ def bench(target, backend: str = "ort", batch: int = 1, tokens: int = 64, prompt
     used = list(getattr(sess, "providers", None) or ["CPUExecutionProvider"])
     read, note = (weight_bytes_per_step(target, manifest, used) if backend == "ort" and manifest is not None
                   else (None, "not measured for this backend"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the probe's 256 MB matrix
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the probe's matrix
     say("bandwidth probe")
-    bw = measure_bandwidth(threads)
+    bw = measure_bandwidth(read, threads)
     result = BenchResult(
         target=str(target), backend=sess.backend, precision=(manifest or {}).get("precision"), batch=batch,
         tokens=tokens, prompt_len=prompt_len, decode_tok_s=float(np.median(decode)), decode_reps=decode,

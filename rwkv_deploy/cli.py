@@ -41,7 +41,7 @@ def _export(a):
     with _progress("exporting") as progress:
         export(a.checkpoint, a.output, precision=a.precision, opset=a.opset, tokenizer=a.tokenizer,
                external_data=True if a.external_data else None, force=a.force, prefill=a.prefill, wkv=a.wkv,
-               ort_include=a.ort_include, progress=progress)
+               matmul=a.matmul, ort_include=a.ort_include, progress=progress)
 
 
 def _verify(a):
@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wkv", default="portable", choices=["portable", "fused"],
                    help="portable (standard ONNX ops, default) or fused (one rwkv::WKV node per layer; needs the "
                         "custom-op library, built on first use)")
+    s.add_argument("--matmul", choices=["portable", "cpu"],
+                   help="the step graph's fp16/int8/int4 products: portable (ONNX ops, any runtime) or cpu (the "
+                        "library's x86 kernels read the stored weights as they are: fastest on a CPU, not for GPUs or "
+                        "TensorRT; needs --wkv fused). Default: cpu for fused int8/int4, else portable")
     s.add_argument("--ort-include", help="ONNX Runtime headers for building the custom-op library (default: fetched "
                                          "with npm)")
     s.set_defaults(fn=_export)

@@ -41,17 +41,17 @@ def make_ckpt(ckpt_dir):
 
 @pytest.fixture(scope="session")
 def exported(make_ckpt, tmp_path_factory):
-    """exported(version, precision="fp32", wkv="portable", time_state=False) -> export folder with a prefill
-    graph, made once per session. Tests that change a folder work on a copy."""
+    """exported(version, precision="fp32", wkv="portable", time_state=False, matmul=None) -> export folder with a
+    prefill graph, made once per session. Tests that change a folder work on a copy."""
     from rwkv_deploy import export
 
     root, cache = tmp_path_factory.mktemp("exports"), {}
 
-    def get(version, precision="fp32", wkv="portable", time_state=False):
-        key = (version, precision, wkv, time_state)
+    def get(version, precision="fp32", wkv="portable", time_state=False, matmul=None):
+        key = (version, precision, wkv, time_state) + ((matmul,) if matmul else ())
         if key not in cache:
             cache[key] = export(make_ckpt(version, time_state=time_state), root / "-".join(map(str, key)),
-                                precision=precision, wkv=wkv, prefill="last")
+                                precision=precision, wkv=wkv, matmul=matmul, prefill="last")
         return cache[key]
 
     return get

@@ -141,4 +141,4 @@ def test_a_cpu_without_the_vector_paths_is_told_to_use_portable(exported, monkey
     monkeypatch.setattr(ctypes, "CDLL", WithoutVectors)
     with caplog.at_level("WARNING"):
         open_session(out)
-    assert "plain loop" in caplog.text and "--wkv portable" in caplog.text
+    assert "plain loop" in caplog.text and "--matmul portable" in caplog.text

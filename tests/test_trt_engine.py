@@ -151,7 +151,10 @@ def test_an_operator_without_a_plugin_is_refused(exported, tmp_path):
     with pytest.raises(RWKVDeployError, match=r"no TensorRT plugin for rwkv::WKV9.*--wkv portable"):
         E.required_plugins(m)
     m["requires"]["custom_ops"]["ops"] = ["MatMulQ4", "MatMulQ8", "WKV7"]  # a fused int4 export
-    with pytest.raises(RWKVDeployError, match=r"CPU kernels that have no TensorRT plugin; export with --wkv portable"):
+    with pytest.raises(RWKVDeployError, match=r"CPU kernels that have no TensorRT plugin; export with --matmul portable"):
+        E.required_plugins(m)
+    m["requires"]["custom_ops"]["ops"] = ["MatMulF16", "WKV7"]  # a fused fp16 export with --matmul cpu
+    with pytest.raises(RWKVDeployError, match=r"MatMulF16 export multiplies its weights with CPU kernels"):
         E.required_plugins(m)
 
 

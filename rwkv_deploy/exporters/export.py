@@ -31,6 +31,7 @@ from .onnx_graph import (EXTERNAL_THRESHOLD, LOGITS, TOKENS, WEIGHTS_FILE, Prefi
 log = logging.getLogger(__name__)
 
 WKV_MODES = ("portable", "fused")
+MATMUL_MODES = ("portable", "cpu")
 NP_DTYPE = {torch.float32: "float32", torch.float16: "float16"}
 
 # Golden logits (manifest "golden"): GOLDEN_STEPS ids drawn with a fixed seed from the whole vocabulary (so they
@@ -45,11 +46,14 @@ GOLDEN_BOUNDS = {"fp32": (1e-4, 1e-3), "fp16": (0.1, 0.25), "int8": (0.1, 0.25),
 @sigterm_raises_exit
 def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokenizer=None,
            external_data: bool | None = None, force: bool = False, prefill: str | bool | None = None,
-           wkv: str = "portable", ort_include=None, progress=None) -> Path:
+           wkv: str = "portable", matmul: str | None = None, ort_include=None, progress=None) -> Path:
     """Export `checkpoint` to the folder `out`; returns its path. Nothing is left at `out` on failure.
 
     prefill: None (step graph only), "last" (prefill.onnx returns the last position's logits) or "all"
     (every position's). True means "last".
+    matmul: "cpu" multiplies the step graph's fp16/int8/int4 weights with the custom-op library's CPU kernels
+    (rwkv::MatMulF16/Q8/Q4, which read the stored bytes as they are), "portable" with ONNX operators; None: "cpu"
+    for fused int8/int4 exports, else "portable".
     """
     prefill = "last" if prefill is True else (prefill or None)
     if prefill not in (None, "last", "all"):
@@ -58,6 +62,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         raise RWKVDeployError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if wkv not in WKV_MODES:
         raise RWKVDeployError(f"unknown --wkv {wkv!r}; expected one of {', '.join(WKV_MODES)}")
+    matmul = _matmul_mode(matmul, precision, wkv)
     if not 17 <= opset <= 23:  # 17 brings LayerNormalization
         raise RWKVDeployError(f"opset {opset} is not supported; use 17..23 (default 18)")
     out = destination(out)
@@ -89,7 +94,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
     with staged(out, "export") as tmp:
         t1 = time.time()
         _phase(progress, 0, "tracing the graphs")
-        writer = WeightWriter(tmp / WEIGHTS_FILE, external, quant, quant and _quantizable(quant), fused=wkv == "fused")
+        writer = WeightWriter(tmp / WEIGHTS_FILE, external, quant, quant and _quantizable(quant), kernels=matmul == "cpu")
         files = {"step": "model.onnx"}
         writer.bind(trace_graph(StepGraph(model), model, torch.zeros(2, dtype=torch.long), tmp / "model.onnx", opset),
                     weight_names, tmp / "model.onnx")
@@ -186,7 +191,7 @@ def weight_digests(ckpt, precision: str, wkv: str = "portable", opset: int = 18,
     dtype, default = PRECISIONS[precision]
     quant = quant if quant is not None else default  # an export's own (models.quant.manifest_quant)
     model = _skeleton(ckpt, dtype, wkv)
-    writer = WeightWriter(None, True, quant, quant and _quantizable(quant), fused=wkv == "fused")
+    writer = WeightWriter(None, True, quant, quant and _quantizable(quant))  # digests: the same bytes either way
     with tempfile.TemporaryDirectory(prefix="rwkv-deploy-trace-") as tmp:
         path = Path(tmp) / "model.onnx"
         # initializers are named after the weights whatever the opset; torch's exporter traces at most opset 20
@@ -296,6 +301,21 @@ def _custom_ops(folder: Path, graphs: dict, domain: str) -> list[str]:
 
     return sorted({op for g in graphs.values()
                    for op in walk(onnx.load(str(folder / g["file"]), load_external_data=False).graph)})
+
+
+def _matmul_mode(matmul: str | None, precision: str, wkv: str) -> str:
+    """The products' form (see export); refused where it cannot apply."""
+    if matmul is None:
+        return "cpu" if wkv == "fused" and precision in ("int8", "int4") else "portable"
+    if matmul not in MATMUL_MODES:
+        raise RWKVDeployError(f"unknown --matmul {matmul!r}; expected one of {', '.join(MATMUL_MODES)}")
+    if matmul == "cpu" and precision == "fp32":
+        raise RWKVDeployError("--matmul cpu multiplies fp16/int8/int4 weights; fp32 products are ONNX Runtime's own "
+                              "(export with --precision fp16, int8 or int4, or drop --matmul)")
+    if matmul == "cpu" and wkv != "fused":
+        raise RWKVDeployError("--matmul cpu needs the custom-op library that --wkv fused builds and ships: add "
+                              "--wkv fused")
+    return matmul
 
 
 def _size(folder: Path) -> str:

@@ -231,11 +231,12 @@ class WeightWriter:
     ALIGN = 4096  # page-aligned offsets let a runtime map each tensor instead of copying it
     MIN_BYTES = 1024  # smaller tensors stay inside each graph (a page of padding apiece would outweigh them)
 
-    def __init__(self, path: Path | None, external: bool, quant=None, quantizable=None, fused: bool = False):
+    def __init__(self, path: Path | None, external: bool, quant=None, quantizable=None, kernels: bool = False):
         """path: the external-data file to write; None computes digests instead of writing anything (`digests`:
         initializer name -> sha256 of the bytes it would have), which is how verify checks an export's weights.
-        fused: quantized products become rwkv::MatMulQ8/MatMulQ4 nodes (the custom-op library's CPU kernels) on
-        the same q and scale, instead of DequantizeLinear + MatMul."""
+        kernels (`export --matmul cpu`): products of float16 weights become rwkv::MatMulF16 nodes and quantized ones
+        rwkv::MatMulQ8/MatMulQ4 on the same q and scale (the custom-op library's CPU kernels), instead of MatMul
+        and DequantizeLinear + MatMul."""
         self.path, self.external = path, external
         self.digests: dict[str, str] | None = {} if path is None else None
         # (ModelProto without weights, initializer names it uses, file to write, those it reads as int4 pairs)
@@ -248,7 +249,7 @@ class WeightWriter:
         self.quant, self.quantizable = quant, quantizable
         self.quantized: dict[str, object] = {}  # initializer name -> the Quant it is stored with
         self.direct: set[str] = set()  # of those, the weights a MatMul reads as they are ([in, out])
-        self.fused = fused
+        self.kernels = kernels
         self.halved: set[str] = set()  # tables that only Gather reads (the embedding): stored float16 beside them
 
     def bind(self, proto, weight_names: set[str], path: Path, fuse: bool = True) -> None:
@@ -297,16 +298,18 @@ class WeightWriter:
             node.input[:] = [rename.get(x, x) for x in node.input]
         paired: set[str] = set()  # int4 weights an rwkv::MatMulQ4 of this graph reads
         if self.quant is not None:
-            keep = self._dequantize(keep, weights, source, rename, self.fused and fuse, paired)
+            keep = self._dequantize(keep, weights, source, rename, self.kernels and fuse, paired)
             for o in proto.opset_import:  # blocked DequantizeLinear and INT4 came with opset 21
                 if o.domain in ("", "ai.onnx"):
                     o.version = max(o.version, 21)
-            from ..custom_ops.torch_ops import DOMAIN, OPSET, register_for_export
+        elif self.kernels and fuse:
+            keep = _half_products(keep, weights, source, rename)
+        from ..custom_ops.torch_ops import DOMAIN, OPSET, register_for_export
 
-            if any(n.domain == DOMAIN for n in keep):
-                register_for_export()  # the MatMulQ schemas
-                if all(o.domain != DOMAIN for o in proto.opset_import):
-                    proto.opset_import.append(helper.make_opsetid(DOMAIN, OPSET))
+        if any(n.domain == DOMAIN and n.op_type.startswith("MatMul") for n in keep):
+            register_for_export()  # the products' schemas
+            if all(o.domain != DOMAIN for o in proto.opset_import):
+                proto.opset_import.append(helper.make_opsetid(DOMAIN, OPSET))
         g.node.extend(_used(keep, g.output))  # a constant only a fold read is now in the fold
         inputs = [i for i in g.input if i.name not in weights]
         del g.input[:]
@@ -445,6 +448,23 @@ class WeightWriter:
                 _append_initializer(f, tp, raw)
         self.bytes_written += stored.nbytes
         written.add(name)
+
+
+def _half_products(nodes, weights, source, rename) -> list:
+    """nodes with every MatMul whose B is a float16 weight of rank 2 (read as it is or transposed by a fold) an
+    rwkv::MatMulF16 on the same initializer: it reads the stored float16 where ONNX Runtime's CPU provider widens
+    such weights to float32 at load."""
+    import onnx
+    from onnx import helper
+
+    from ..custom_ops.torch_ops import DOMAIN
+
+    half = {rename.get(v, v) for v, (w, chain) in source.items()
+            if weights[w].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+            and len(weights[w].type.tensor_type.shape.dim) == 2
+            and (not chain or (len(chain) == 1 and chain[0].op_type == "Transpose"))}
+    return [helper.make_node("MatMulF16", list(n.input), list(n.output), name=n.name, domain=DOMAIN)
+            if n.op_type == "MatMul" and n.input[1] in half else n for n in nodes]
 
 
 def _fusable(quant, dims: list[int], transposed: bool) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..custom_ops import CPU_PRODUCTS
 from ..errors import RWKVDeployError
 from .contract import Session, State, StateSpec
 from .manifest import MANIFEST, Manifest, read_manifest
@@ -151,7 +152,7 @@ class OnnxSession(Session):
         if "CPUExecutionProvider" not in self.providers:
             self.providers = [*self.providers, "CPUExecutionProvider"]
         ops = ((self.manifest.get("requires") or {}).get("custom_ops") or {}).get("ops", [])
-        if any(op.startswith("MatMulQ") for op in ops):
+        if any(op in CPU_PRODUCTS for op in ops):
             import ctypes
 
             # trusted and registered above: the symbol only reports what the CPU offers
@@ -159,9 +160,9 @@ class OnnxSession(Session):
             if path_taken is not None:
                 path_taken.restype = ctypes.c_char_p
                 if path_taken() == b"plain":
-                    log.warning("on this CPU (or with this library's compiler) the fused int8/int4 products of %s "
-                                "run a plain loop, slower than a portable export's MatMulNBits (re-export with "
-                                "--wkv portable)", self.folder)
+                    log.warning("on this CPU (or with this library's compiler) the fp16/int8/int4 products of %s "
+                                "run a plain loop, slower than ONNX Runtime's own (re-export with --matmul "
+                                "portable)", self.folder)
 
     def _open(self, ort, name: str, opts):
         graph = self.manifest.graph(name)

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
+from ..custom_ops import CPU_PRODUCTS
 from ..errors import RWKVDeployError, check_batch
 from ..runtime.manifest import MANIFEST, Manifest, check_schema, read_manifest, write_bytes_atomic, write_json_atomic
 from ..staging import sigterm_raises_exit
@@ -133,9 +134,9 @@ def required_plugins(manifest: Manifest) -> list[str]:
     if not custom:
         return []
     missing = [op for op in custom.get("ops", []) if custom.get("domain") != NAMESPACE or op not in OPS]
-    if missing and custom.get("domain") == NAMESPACE and all(op.startswith("MatMulQ") for op in missing):
-        raise RWKVDeployError(f"this fused {', '.join(missing)} export multiplies its int8/int4 weights with CPU kernels "
-                              "that have no TensorRT plugin; export with --wkv portable for TensorRT (its "
+    if missing and custom.get("domain") == NAMESPACE and all(op in CPU_PRODUCTS for op in missing):
+        raise RWKVDeployError(f"this {', '.join(missing)} export multiplies its weights with CPU kernels that have no "
+                              "TensorRT plugin; export with --matmul portable for TensorRT (its MatMul / "
                               "DequantizeLinear form builds)")
     if missing:
         raise RWKVDeployError(f"no TensorRT plugin for {custom.get('domain')}::{', '.join(missing)} (plugins exist for "

@@ -715,6 +715,310 @@ Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<
   return Ort::Status{nullptr};
 }
 
+// ---- rwkv::MatMulF16: y [..., N] = x [..., K] W for fp16 exports on the CPU (--matmul cpu) ----
+//   rwkv::MatMulF16(x float16[..., K], w float16[K, N]) -> y float16[..., N]
+// ONNX Runtime's CPU provider has no float16 MatMul on x86: it widens float16 weights to float32 once at load
+// and then reads 4 bytes a weight every step. This reads the 2 stored bytes and converts them in registers; the
+// products and their sums are float32 (as a float16 GEMM accumulates), y is rounded to float16 once, to nearest
+// even.
+
+template <typename To, typename From>
+inline To BitCast(From v) {
+  To out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+}
+
+// float16 bits -> float, exact for every value (checked against F16C over all 65536) and branch-free, so that the
+// plain loop's conversion vectorizes. Normal values only move their exponent; subnormals go through an integer
+// conversion, not a float rescale (a denormal float operand costs a microcode assist per instruction).
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t em = h & 0x7fffu;
+  const uint32_t sub = 0u - static_cast<uint32_t>(em < 0x400u), special = 0u - static_cast<uint32_t>(em >= 0x7c00u);
+  const uint32_t normal = (em << 13) + (112u << 23), tiny = BitCast<uint32_t>(static_cast<float>(em) * 0x1p-24f);
+  const uint32_t bits = (tiny & sub) | (((em << 13) | 0x7f800000u) & special) | (normal & ~(sub | special));
+  return BitCast<float>(bits | static_cast<uint32_t>(h & 0x8000u) << 16);  // inf and nan keep their bits
+}
+
+enum class HPath { kPlain, kAvx2, kAvx512 };
+HPath BestHPath();
+
+// The rows [ka, kb) of w's products, columns [na, nb), added into y (M rows of N floats; x's rows are K long).
+struct HPart {
+  const uint16_t* w;
+  int64_t K, N, ka, kb, na, nb, M;
+  const float* x;
+  float* y;
+};
+
+// Any CPU: row by row through w, the conversion and the multiply-adds over the columns vectorize (built for AVX2
+// and the baseline, as QColumns).
+PLAIN_CLONES void HProducts(const HPart& p) {
+  std::vector<float> wk(p.nb - p.na);
+  for (int64_t k = p.ka; k < p.kb; ++k) {
+    const uint16_t* row = p.w + k * p.N + p.na;
+    for (size_t n = 0; n < wk.size(); ++n) wk[n] = HalfToFloat(row[n]);
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float xk = p.x[m * p.K + k];
+      float* ym = p.y + m * p.N + p.na;
+      for (size_t n = 0; n < wk.size(); ++n) ym[n] += xk * wk[n];
+    }
+  }
+}
+
+#ifdef RWKV_VNNI
+#define F16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
+bool HasAvx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+// R rows of x from m0 over kg rows of w from k0, 64 columns from n0: the sums in registers (R is a template
+// argument so that they stay there).
+template <int R>
+F16_TARGET __attribute__((always_inline)) inline void HTile(const HPart& p, int64_t m0, int64_t k0, int64_t kg,
+                                                            int64_t n0, const __mmask16* mask) {
+  const int64_t N = p.N, K = p.K;
+  const uint16_t* w = p.w + k0 * N + n0;
+  const float* x = p.x + m0 * K + k0;
+  float* y = p.y + m0 * N + n0;
+  __m512 acc[R][4];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_maskz_loadu_ps(mask[j], y + i * N + 16 * j);
+  for (int64_t kk = 0; kk < kg; ++kk, w += N) {
+    __m512 wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask[j], w + 16 * j));
+    for (int i = 0; i < R; ++i) {
+      const __m512 xb = _mm512_set1_ps(x[i * K + kk]);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(xb, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(y + i * N + 16 * j, mask[j], acc[i][j]);
+}
+
+// R rows of x from m0 over kg rows of w from k0, all the part's columns: whole tiles, then the last one masked.
+// The first rows of x also bring the next group's rows of w into L2 (without, the products of a v4 step took
+// 16.3 ms instead of 13.3).
+template <int R>
+F16_TARGET void HGroup(const HPart& p, int64_t m0, int64_t k0, int64_t kg, int64_t ahead) {
+  const __mmask16 full[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+  int64_t n0 = p.na;
+  for (; n0 + 64 <= p.nb; n0 += 64) {
+    for (int64_t kk = 0; kk < ahead; ++kk) {
+      const char* next = reinterpret_cast<const char*>(p.w + (k0 + kg + kk) * p.N + n0);
+      _mm_prefetch(next, _MM_HINT_T1);
+      _mm_prefetch(next + 64, _MM_HINT_T1);
+    }
+    HTile<R>(p, m0, k0, kg, n0, full);
+  }
+  if (n0 < p.nb) {
+    __mmask16 mask[4];
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c = std::max<int64_t>(0, std::min<int64_t>(16, p.nb - n0 - 16 * j));
+      mask[j] = static_cast<__mmask16>((1u << c) - 1);
+    }
+    HTile<R>(p, m0, k0, kg, n0, mask);
+  }
+}
+
+// R rows of x from m0 over kg rows of a tile already in float32 (64 to a row), 64 columns from n0.
+template <int R>
+F16_TARGET __attribute__((always_inline)) inline void HTileWide(const HPart& p, int64_t m0, int64_t k0, int64_t kg,
+                                                                int64_t n0, const float* tile, const __mmask16* mask) {
+  const float* x = p.x + m0 * p.K + k0;
+  float* y = p.y + m0 * p.N + n0;
+  __m512 acc[R][4];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_maskz_loadu_ps(mask[j], y + i * p.N + 16 * j);
+  for (int64_t kk = 0; kk < kg; ++kk, tile += 64)
+    for (int i = 0; i < R; ++i) {
+      const __m512 xb = _mm512_set1_ps(x[i * p.K + kk]);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(xb, _mm512_load_ps(tile + 16 * j), acc[i][j]);
+    }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(y + i * p.N + 16 * j, mask[j], acc[i][j]);
+}
+
+// More than 4 rows of x (batched decode): each tile of 64 rows x 64 columns of w is converted once into a
+// contiguous float32 copy that every row of x then reads. Read in place, a tile's rows (strided by the row length)
+// fall into a few of L1's sets and were evicted before the next rows of x came back to them: 16 rows of x took
+// 2.7x as long as 8.
+F16_TARGET void HProductsAvx512Batched(const HPart& p) {
+  constexpr int64_t KB = 64;
+  alignas(64) float tile[KB * 64];
+  for (int64_t k0 = p.ka; k0 < p.kb; k0 += KB) {
+    const int64_t kg = std::min(KB, p.kb - k0);
+    for (int64_t n0 = p.na; n0 < p.nb; n0 += 64) {
+      __mmask16 mask[4];
+      for (int j = 0; j < 4; ++j) {
+        const int64_t c = std::max<int64_t>(0, std::min<int64_t>(16, p.nb - n0 - 16 * j));
+        mask[j] = static_cast<__mmask16>((1u << c) - 1);
+      }
+      for (int64_t kk = 0; kk < kg; ++kk)
+        for (int j = 0; j < 4; ++j)
+          _mm512_store_ps(tile + kk * 64 + 16 * j,
+                          _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask[j], p.w + (k0 + kk) * p.N + n0 + 16 * j)));
+      int64_t m0 = 0;
+      for (; m0 + 4 <= p.M; m0 += 4) HTileWide<4>(p, m0, k0, kg, n0, tile, mask);
+      switch (p.M - m0) {
+        case 3: HTileWide<3>(p, m0, k0, kg, n0, tile, mask); break;
+        case 2: HTileWide<2>(p, m0, k0, kg, n0, tile, mask); break;
+        case 1: HTileWide<1>(p, m0, k0, kg, n0, tile, mask); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// With AVX-512: rows of w in groups of 4 (one at a time, the sums' loads and stores cost more than the reads: the
+// products of a v4 step took 21 ms instead of 12; 8 or 16 were no faster), each group 4 rows of x at a time.
+F16_TARGET void HProductsAvx512(const HPart& p) {
+  if (p.M > 4) return HProductsAvx512Batched(p);
+  constexpr int64_t KG = 4;
+  for (int64_t k0 = p.ka; k0 < p.kb; k0 += KG) {
+    const int64_t kg = std::min(KG, p.kb - k0), ahead = std::min(KG, p.kb - k0 - kg);
+    int64_t m0 = 0;
+    for (; m0 + 4 <= p.M; m0 += 4) HGroup<4>(p, m0, k0, kg, m0 == 0 ? ahead : 0);
+    switch (p.M - m0) {
+      case 3: HGroup<3>(p, m0, k0, kg, m0 == 0 ? ahead : 0); break;
+      case 2: HGroup<2>(p, m0, k0, kg, m0 == 0 ? ahead : 0); break;
+      case 1: HGroup<1>(p, m0, k0, kg, m0 == 0 ? ahead : 0); break;
+      default: break;
+    }
+  }
+}
+
+// With AVX2, F16C and FMA: 32 columns a tile (the tail columns by the plain loop), otherwise as the AVX-512 path.
+#define F16C_TARGET __attribute__((target("avx2,fma,f16c")))
+bool HasF16c() {
+  static const bool ok = HasAvx2() && __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+template <int R>
+F16C_TARGET __attribute__((always_inline)) inline void HTile32(const HPart& p, int64_t m0, int64_t k0, int64_t kg,
+                                                               int64_t n0) {
+  const int64_t N = p.N, K = p.K;
+  const uint16_t* w = p.w + k0 * N + n0;
+  const float* x = p.x + m0 * K + k0;
+  float* y = p.y + m0 * N + n0;
+  __m256 acc[R][4];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_loadu_ps(y + i * N + 8 * j);
+  for (int64_t kk = 0; kk < kg; ++kk, w += N) {
+    __m256 wv[4];
+    for (int j = 0; j < 4; ++j)
+      wv[j] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8 * j)));
+    for (int i = 0; i < R; ++i) {
+      const __m256 xb = _mm256_set1_ps(x[i * K + kk]);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(xb, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + i * N + 8 * j, acc[i][j]);
+}
+
+template <int R>
+F16C_TARGET void HGroup32(const HPart& p, int64_t m0, int64_t k0, int64_t kg, int64_t nb, int64_t ahead) {
+  for (int64_t n0 = p.na; n0 < nb; n0 += 32) {
+    for (int64_t kk = 0; kk < ahead; ++kk)
+      _mm_prefetch(reinterpret_cast<const char*>(p.w + (k0 + kg + kk) * p.N + n0), _MM_HINT_T1);
+    HTile32<R>(p, m0, k0, kg, n0);
+  }
+}
+
+F16C_TARGET void HProductsAvx2(const HPart& p) {
+  constexpr int64_t KG = 4;
+  const int64_t nb = p.na + (p.nb - p.na) / 32 * 32;
+  for (int64_t k0 = p.ka; k0 < p.kb; k0 += KG) {
+    const int64_t kg = std::min(KG, p.kb - k0), ahead = std::min(KG, p.kb - k0 - kg);
+    int64_t m0 = 0;
+    for (; m0 + 4 <= p.M; m0 += 4) HGroup32<4>(p, m0, k0, kg, nb, m0 == 0 ? ahead : 0);
+    switch (p.M - m0) {
+      case 3: HGroup32<3>(p, m0, k0, kg, nb, m0 == 0 ? ahead : 0); break;
+      case 2: HGroup32<2>(p, m0, k0, kg, nb, m0 == 0 ? ahead : 0); break;
+      case 1: HGroup32<1>(p, m0, k0, kg, nb, m0 == 0 ? ahead : 0); break;
+      default: break;
+    }
+  }
+  if (nb < p.nb) {
+    HPart tail = p;
+    tail.na = nb;
+    HProducts(tail);
+  }
+}
+
+F16_TARGET int64_t ToHalfAvx512(const float* y, int64_t na, int64_t nb, uint16_t* out) {
+  int64_t n = na;
+  for (; n + 16 <= nb; n += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + n),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(y + n), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return n;
+}
+
+F16C_TARGET int64_t ToHalfF16c(const float* y, int64_t na, int64_t nb, uint16_t* out) {
+  int64_t n = na;
+  for (; n + 8 <= nb; n += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + n),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(y + n), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return n;
+}
+#endif
+
+// The fastest path this CPU has, capped as MatMulQ's by RWKV_DEPLOY_MATMULQ (plain, avx2).
+HPath BestHPath() {
+#ifdef RWKV_VNNI
+  const QPath cap = Path();
+  if (cap >= QPath::kVnni && HasAvx512()) return HPath::kAvx512;
+  if (cap >= QPath::kAvx2 && HasF16c()) return HPath::kAvx2;
+#endif
+  return HPath::kPlain;
+}
+
+// y's float sums [na, nb) of each of M rows -> float16, rounded to nearest even.
+void ToHalf(const float* y, int64_t N, int64_t na, int64_t nb, int64_t M, uint16_t* out, HPath path) {
+  for (int64_t m = 0; m < M; ++m) {
+    int64_t n = na;
+#ifdef RWKV_VNNI
+    if (path == HPath::kAvx512) n = ToHalfAvx512(y + m * N, na, nb, out + m * N);
+    if (path == HPath::kAvx2) n = ToHalfF16c(y + m * N, na, nb, out + m * N);
+#endif
+    for (; n < nb; ++n) out[m * N + n] = Ort::Float16_t(y[m * N + n]).val;
+  }
+}
+
+Ort::Status MatMulF16(OrtKernelContext* ctx, const Tensor<Ort::Float16_t>& x, const Tensor<Ort::Float16_t>& w,
+                      Tensor<Ort::Float16_t>& y) {
+  Shape xs = x.Shape();
+  const Shape& ws = w.Shape();
+  if (xs.empty() || ws.size() != 2 || xs.back() != ws[0] || ws[0] == 0)
+    return Invalid("rwkv::MatMulF16: x " + Str(xs) + " and w " + Str(ws) + " do not multiply (w [K, N], K > 0)");
+  const int64_t K = ws[0], N = ws[1], M = x.NumberOfElement() / K;
+  xs.back() = N;
+  auto* out = reinterpret_cast<uint16_t*>(y.Allocate(xs));
+  const auto* xh = reinterpret_cast<const uint16_t*>(x.Data());
+  std::vector<float> xf(M * K), sums(M * N, 0.0f);
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = HalfToFloat(xh[i]);
+  const HPath path = BestHPath();
+  // each task a stretch of columns, so that it also rounds its own outputs
+  const int64_t tiles = (N + 63) / 64, tasks = ColumnTasks(tiles);
+  auto body = [&](size_t task) {
+    const int64_t t = static_cast<int64_t>(task), na = 64 * (tiles * t / tasks);
+    const int64_t nb = std::min(N, 64 * (tiles * (t + 1) / tasks));
+    const HPart part{reinterpret_cast<const uint16_t*>(w.Data()), K, N, 0, K, na, nb, M, xf.data(), sums.data()};
+#ifdef RWKV_VNNI
+    if (path == HPath::kAvx512) HProductsAvx512(part);
+    if (path == HPath::kAvx2) HProductsAvx2(part);
+#endif
+    if (path == HPath::kPlain) HProducts(part);
+    ToHalf(sums.data(), N, na, nb, M, out, path);
+  };
+  ParallelFor(ctx, static_cast<size_t>(tasks), body);
+  return Ort::Status{nullptr};
+}
+
 #ifdef RWKV_WITH_CUDA
 // ---- the same operators for ONNX Runtime's CUDA execution provider: kernels in cuda/wkv_kernels.cu ----
 // Written to ONNX Runtime's documented custom-op API; built by `rwkv-deploy build-ops --cuda`. The launchers
@@ -770,6 +1074,7 @@ void MakeDomain() {
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV7", "CPUExecutionProvider", WKV7));
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("MatMulQ8", "CPUExecutionProvider", MatMulQ<8, int8_t>));
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("MatMulQ4", "CPUExecutionProvider", MatMulQ<4, uint8_t>));
+  g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("MatMulF16", "CPUExecutionProvider", MatMulF16));
 #ifdef RWKV_WITH_CUDA
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV4", "CUDAExecutionProvider", WKV4Cuda));
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV5", "CUDAExecutionProvider", WKV5Cuda));
