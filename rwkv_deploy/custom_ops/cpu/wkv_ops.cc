@@ -267,11 +267,43 @@ struct QRows {  // x rounded per block: values, scales, and each block's sum of 
   std::vector<int32_t> sum;
 };
 
-void QuantizeRows(const float* x, int64_t rows, int64_t K, QRows& out) {
+#ifdef RWKV_VNNI
+bool HasAvx512() {  // F, BW and VL: every AVX-512 CPU but the Xeon Phis
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+// QuantizeRows' arithmetic 16 lanes at a time: the same IEEE division and round half to even, so the same values.
+// With the scalar loop a v4-shaped step's int4 products took 4.66 ms instead of 4.29, RWKV-7's 94 LoRA factors
+// and head 0.82 instead of 0.70 (batch 1, one process).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void QuantizeBlocksAvx512(const float* x, int64_t blocks,
+                                                                               QRows& out) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m512 lo = _mm512_loadu_ps(x + b * kQBlock), hi = _mm512_loadu_ps(x + b * kQBlock + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const float scale = amax / 127.0f > 0.0f ? amax / 127.0f : 1.0f;
+    const __m512 sv = _mm512_set1_ps(scale);
+    const __m512i qlo = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(lo, sv), kRound));
+    const __m512i qhi = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(hi, sv), kRound));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + b * kQBlock), _mm512_cvtepi32_epi8(qlo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + b * kQBlock + 16), _mm512_cvtepi32_epi8(qhi));
+    out.scale[b] = scale;
+    out.sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+  }
+}
+#endif
+
+// vector: AVX-512 where the CPU has it (the plain path's tests run the scalar loop)
+void QuantizeRows(const float* x, int64_t rows, int64_t K, QRows& out, bool vector) {
   const int64_t nb = K / kQBlock;
   out.q.resize(rows * K);
   out.scale.resize(rows * nb);
   out.sum.resize(rows * nb);
+#ifdef RWKV_VNNI
+  if (vector && HasAvx512()) return QuantizeBlocksAvx512(x, rows * nb, out);
+#endif
   for (int64_t b = 0; b < rows * nb; ++b) {
     const float* xb = x + b * kQBlock;
     float amax = 0.0f;
@@ -674,11 +706,11 @@ Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<
   const int64_t M = x.NumberOfElement() / K;
   xs.back() = N;
   float* out = y.Allocate(xs);
+  const QPath path = Path();
   QRows rows;
-  QuantizeRows(x.Data(), M, K, rows);
+  QuantizeRows(x.Data(), M, K, rows, path != QPath::kPlain);
   const auto* qd = reinterpret_cast<const uint8_t*>(q.Data());
   const float* sd = scale.Data();
-  const QPath path = Path();
 #ifdef RWKV_VNNI
   if (path != QPath::kPlain) {
     const bool amx = path == QPath::kAmx && M >= kAmxRows;
@@ -768,11 +800,6 @@ PLAIN_CLONES void HProducts(const HPart& p) {
 
 #ifdef RWKV_VNNI
 #define F16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
-bool HasAvx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl");
-  return ok;
-}
 
 // R rows of x from m0 over kg rows of w from k0, 64 columns from n0: the sums in registers (R is a template
 // argument so that they stay there).
