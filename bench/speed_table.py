@@ -8,8 +8,10 @@ The machine's speed can drift over a run of many minutes, so every runtime is ti
 times in turn: the table gives medians over rounds, and the ratios the issue asks for are taken within each round
 (runtimes minutes apart at most) before their median is reported.
 
-    python bench/speed_table.py [--versions 4 7] [--precisions fp32 fp16 int8 int4 fp32-fused int8-fused int4-fused]
+    python bench/speed_table.py [--versions 4 7] [--precisions fp32 fp16 int8 int4 fp32-fused fp16-cpu int8-fused
+        int4-fused]
         [--tokens 64] [--prompt-len 256] [--repeats 3] [--rounds 3] [--threads 2] [--dir speed] [--json F] [--plot F.png]
+    (--precisions also takes fp16-cpu: --wkv fused --matmul cpu, float16 weights read by the library's kernels)
 """
 from __future__ import annotations
 
@@ -28,8 +30,11 @@ RWKVCPP_FORMATS = ("FP32", "FP16", "Q8_0", "Q4_0")
 
 
 def export_args(variant: str) -> list[str]:
-    precision, _, wkv = variant.partition("-")
-    return ["--precision", precision, "--prefill"] + (["--wkv", wkv] if wkv else [])
+    """fp16 -> portable; int8-fused -> --wkv fused (its products: the CPU kernels); fp16-cpu -> --wkv fused
+    --matmul cpu."""
+    precision, _, mode = variant.partition("-")
+    extra = {"": [], "fused": ["--wkv", "fused"], "cpu": ["--wkv", "fused", "--matmul", "cpu"]}[mode]
+    return ["--precision", precision, "--prefill", *extra]
 
 
 def run_bench(folder: Path, a, out: Path, against: bool) -> dict:
@@ -130,7 +135,11 @@ RATIOS = [("int8 decode / rwkv.cpp Q8_0", "int8", "rwkv.cpp Q8_0", 2),
           ("int4 fused decode / rwkv.cpp Q4_0", "int4-fused", "rwkv.cpp Q4_0", 2),
           ("int8 decode / official fp32", "int8", "rwkv (official) fp32", 2),
           ("int4 decode / official fp32", "int4", "rwkv (official) fp32", 2),
+          ("int8 fused decode / official fp32", "int8-fused", "rwkv (official) fp32", 2),
+          ("int4 fused decode / official fp32", "int4-fused", "rwkv (official) fp32", 2),
           ("fp16 decode / fp32 decode", "fp16", "rwkv-deploy fp32", 2),
+          ("fp16-cpu decode / fp32 decode", "fp16-cpu", "rwkv-deploy fp32", 2),
+          ("fp16-cpu decode / rwkv.cpp FP16", "fp16-cpu", "rwkv.cpp FP16", 2),
           ("fp32 decode / floor", "fp32", "rwkv-deploy fp32", 4),
           ("portable prefill / best peer", "fp32", None, 3),
           ("fused prefill / best peer", "fp32-fused", None, 3)]
@@ -162,7 +171,7 @@ def main() -> None:
     add_model_args(ap)
     ap.add_argument("--versions", nargs="+", default=["4", "7"])
     ap.add_argument("--precisions", nargs="+",
-                    default=["fp32", "fp16", "int8", "int4", "fp32-fused", "int8-fused", "int4-fused"])
+                    default=["fp32", "fp16", "int8", "int4", "fp32-fused", "fp16-cpu", "int8-fused", "int4-fused"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per runtime per round (median)")
@@ -198,13 +207,20 @@ def main() -> None:
 
             print(f"v{v:<3}{label:<32}{statistics.median(per):6.2f}   ({min(per):.2f} - {max(per):.2f})")
     if a.json:
-        Path(a.json).write_text(json.dumps({
+        write_atomic(Path(a.json), json.dumps({
             "rows": [dict(zip(("version", "runtime", "decode_tok_s", "prefill_tok_s", "floor_tok_s"), r)) for r in rows],
             "rounds": [[dict(zip(("version", "runtime", "decode_tok_s", "prefill_tok_s", "floor_tok_s"), r))
                         for r in rs] for rs in rounds],
-            "ratios": [{"version": v, "ratio": label, "per_round": per} for v, label, per in found]}, indent=1))
+            "ratios": [{"version": v, "ratio": label, "per_round": per} for v, label, per in found]}, indent=1).encode())
     if a.plot:
-        Path(a.plot).write_bytes(plot_table(rows, a))
+        write_atomic(Path(a.plot), plot_table(rows, a))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """A temp name beside it, then renamed: an interrupted run leaves the previous file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def plot_table(rows: list[tuple], a) -> bytes:

@@ -784,12 +784,11 @@ inline float HalfToFloat(uint16_t h) {
 }
 
 enum class HPath { kPlain, kAvx2, kAvx512 };
-HPath BestHPath();
 
-// The rows [ka, kb) of w's products, columns [na, nb), added into y (M rows of N floats; x's rows are K long).
+// Columns [na, nb) of w's products with M rows of x (K long), added into y (rows of N floats).
 struct HPart {
   const uint16_t* w;
-  int64_t K, N, ka, kb, na, nb, M;
+  int64_t K, N, na, nb, M;
   const float* x;
   float* y;
 };
@@ -798,7 +797,7 @@ struct HPart {
 // and the baseline, as QColumns).
 PLAIN_CLONES void HProducts(const HPart& p) {
   std::vector<float> wk(p.nb - p.na);
-  for (int64_t k = p.ka; k < p.kb; ++k) {
+  for (int64_t k = 0; k < p.K; ++k) {
     const uint16_t* row = p.w + k * p.N + p.na;
     for (size_t n = 0; n < wk.size(); ++n) wk[n] = HalfToFloat(row[n]);
     for (int64_t m = 0; m < p.M; ++m) {
@@ -811,6 +810,14 @@ PLAIN_CLONES void HProducts(const HPart& p) {
 
 #ifdef RWKV_VNNI
 #define F16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+// A tile of 64 columns of which `cols` remain: a mask for each of its 16-column quarters.
+inline void TailMasks(int64_t cols, __mmask16* mask) {
+  for (int j = 0; j < 4; ++j) {
+    const int64_t c = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * j));
+    mask[j] = static_cast<__mmask16>((1u << c) - 1);
+  }
+}
 
 // R rows of x from m0 over kg rows of w from k0, 64 columns from n0: the sums in registers (R is a template
 // argument so that they stay there).
@@ -853,10 +860,7 @@ F16_TARGET void HGroup(const HPart& p, int64_t m0, int64_t k0, int64_t kg, int64
   }
   if (n0 < p.nb) {
     __mmask16 mask[4];
-    for (int j = 0; j < 4; ++j) {
-      const int64_t c = std::max<int64_t>(0, std::min<int64_t>(16, p.nb - n0 - 16 * j));
-      mask[j] = static_cast<__mmask16>((1u << c) - 1);
-    }
+    TailMasks(p.nb - n0, mask);
     HTile<R>(p, m0, k0, kg, n0, mask);
   }
 }
@@ -886,14 +890,11 @@ F16_TARGET __attribute__((always_inline)) inline void HTileWide(const HPart& p, 
 F16_TARGET void HProductsAvx512Batched(const HPart& p) {
   constexpr int64_t KB = 64;
   alignas(64) float tile[KB * 64];
-  for (int64_t k0 = p.ka; k0 < p.kb; k0 += KB) {
-    const int64_t kg = std::min(KB, p.kb - k0);
+  for (int64_t k0 = 0; k0 < p.K; k0 += KB) {
+    const int64_t kg = std::min(KB, p.K - k0);
     for (int64_t n0 = p.na; n0 < p.nb; n0 += 64) {
       __mmask16 mask[4];
-      for (int j = 0; j < 4; ++j) {
-        const int64_t c = std::max<int64_t>(0, std::min<int64_t>(16, p.nb - n0 - 16 * j));
-        mask[j] = static_cast<__mmask16>((1u << c) - 1);
-      }
+      TailMasks(p.nb - n0, mask);
       for (int64_t kk = 0; kk < kg; ++kk)
         for (int j = 0; j < 4; ++j)
           _mm512_store_ps(tile + kk * 64 + 16 * j,
@@ -915,8 +916,8 @@ F16_TARGET void HProductsAvx512Batched(const HPart& p) {
 F16_TARGET void HProductsAvx512(const HPart& p) {
   if (p.M > 4) return HProductsAvx512Batched(p);
   constexpr int64_t KG = 4;
-  for (int64_t k0 = p.ka; k0 < p.kb; k0 += KG) {
-    const int64_t kg = std::min(KG, p.kb - k0), ahead = std::min(KG, p.kb - k0 - kg);
+  for (int64_t k0 = 0; k0 < p.K; k0 += KG) {
+    const int64_t kg = std::min(KG, p.K - k0), ahead = std::min(KG, p.K - k0 - kg);
     int64_t m0 = 0;
     for (; m0 + 4 <= p.M; m0 += 4) HGroup<4>(p, m0, k0, kg, m0 == 0 ? ahead : 0);
     switch (p.M - m0) {
@@ -970,8 +971,8 @@ F16C_TARGET void HGroup32(const HPart& p, int64_t m0, int64_t k0, int64_t kg, in
 F16C_TARGET void HProductsAvx2(const HPart& p) {
   constexpr int64_t KG = 4;
   const int64_t nb = p.na + (p.nb - p.na) / 32 * 32;
-  for (int64_t k0 = p.ka; k0 < p.kb; k0 += KG) {
-    const int64_t kg = std::min(KG, p.kb - k0), ahead = std::min(KG, p.kb - k0 - kg);
+  for (int64_t k0 = 0; k0 < p.K; k0 += KG) {
+    const int64_t kg = std::min(KG, p.K - k0), ahead = std::min(KG, p.K - k0 - kg);
     int64_t m0 = 0;
     for (; m0 + 4 <= p.M; m0 += 4) HGroup32<4>(p, m0, k0, kg, nb, m0 == 0 ? ahead : 0);
     switch (p.M - m0) {
@@ -1045,7 +1046,7 @@ Ort::Status MatMulF16(OrtKernelContext* ctx, const Tensor<Ort::Float16_t>& x, co
   auto body = [&](size_t task) {
     const int64_t t = static_cast<int64_t>(task), na = 64 * (tiles * t / tasks);
     const int64_t nb = std::min(N, 64 * (tiles * (t + 1) / tasks));
-    const HPart part{reinterpret_cast<const uint16_t*>(w.Data()), K, N, 0, K, na, nb, M, xf.data(), sums.data()};
+    const HPart part{reinterpret_cast<const uint16_t*>(w.Data()), K, N, na, nb, M, xf.data(), sums.data()};
 #ifdef RWKV_VNNI
     if (path == HPath::kAvx512) HProductsAvx512(part);
     if (path == HPath::kAvx2) HProductsAvx2(part);
