@@ -134,7 +134,8 @@ def weight_bytes_per_step(folder: Path, manifest, providers: list[str]) -> tuple
         if t.data_type == onnx.TensorProto.FLOAT16 and cpu and t.name in widening:
             widened += n * 2
         total += (n * bits.get(t.data_type, 32) + 7) // 8  # int4: two values a byte
-    note = "as stored" if not widened else f"fp16 weights read as float32 by the CPU provider: {widened / 1e6:.2g} MB more"
+    mb = f"{widened / 1e6:.0f}" if widened >= 1e6 else f"{widened / 1e6:.2g}"
+    note = "as stored" if not widened else f"fp16 weights read as float32 by the CPU provider: {mb} MB more"
     return total + widened, note
 
 

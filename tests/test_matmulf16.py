@@ -36,11 +36,12 @@ def _product(library, w, x_shape):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("K, N, x_shape", [(64, 200, (1, 1, 64)), (96, 40, (3, 96)), (768, 130, (2, 9, 768)),
-                                           (5, 33, (1, 5)), (300, 1000, (4, 300)), (128, 64, (7, 128))])
+                                           (5, 33, (1, 5)), (300, 1000, (4, 300)), (128, 64, (7, 128)),
+                                           (96, 100, (6, 96))])
 def test_products_are_float32_sums_of_the_stored_weights(library, monkeypatch, path, K, N, x_shape):
     """Against float64 on the same float16 values: within float16's rounding of the output (2^-11 of it) plus
     float32 summation. Shapes with tail columns (40, 130, 200, 33), K not a multiple of the row groups (5, 300),
-    1-18 rows of x (more than 4: the batched path)."""
+    1-18 rows of x (more than 4: the batched path, whose last group of 64 rows of w is short for K = 96, 300)."""
     monkeypatch.setenv("RWKV_DEPLOY_MATMULQ", path)
     rng = np.random.default_rng(K + N)
     w = (rng.standard_normal((K, N)) * 0.05).astype(np.float16)  # [K, N]
@@ -50,7 +51,30 @@ def test_products_are_float32_sums_of_the_stored_weights(library, monkeypatch, p
     exact = x.astype(np.float64) @ w.astype(np.float64)
     size = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))
     assert np.all(np.abs(y - exact) <= 2.0 ** -11 * np.abs(exact) + 1e-6 * size + 2.0 ** -24)
-    assert np.abs(y - exact).max() > 0  # float16 out: not the float64 sums themselves
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to read this CPU's flags from")
+    return set(next(line for line in text.splitlines() if line.startswith("flags")).split(":")[1].split())
+
+
+@pytest.mark.parametrize("cap", PATHS)
+def test_each_cap_takes_the_path_the_library_reports(library, monkeypatch, cap):
+    """The path a product takes here, read from the library (RwkvMatMulF16Path, what the session checks before it
+    warns), against what this CPU's flags allow: AVX-512 F/BW/VL is enough for that path (no VNNI needed)."""
+    import ctypes
+
+    flags = _cpu_flags()
+    avx2 = "avx2" if {"avx2", "fma", "f16c"} <= flags else "plain"
+    expected = {"plain": "plain", "avx2": avx2,
+                "vnni": "avx512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else avx2}[cap]
+    monkeypatch.setenv("RWKV_DEPLOY_MATMULQ", cap)
+    reported = ctypes.CDLL(library).RwkvMatMulF16Path
+    reported.restype = ctypes.c_char_p
+    assert reported().decode() == expected
 
 
 @pytest.mark.parametrize("path", PATHS)

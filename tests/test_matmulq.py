@@ -68,6 +68,19 @@ def test_products_are_exact_integer_sums(library, monkeypatch, path, bits, K, N,
     assert np.abs(y - unrounded).max() > 1e-4 * np.abs(exact).max()  # the input rounding is there
 
 
+@pytest.mark.parametrize("path", ["plain", "avx2", "vnni", "amx"])
+def test_inputs_round_half_to_even_on_every_path(library, monkeypatch, path):
+    """Each block's largest |x| is 127, so its scale is 1 and every other value a tie (k + 0.5): through an
+    identity weight the product returns the rounded input itself, which must be numpy's (half to even) exactly.
+    5 rows: AMX takes them too."""
+    monkeypatch.setenv("RWKV_DEPLOY_MATMULQ", path)
+    rng = np.random.default_rng(1)
+    x = rng.integers(-127, 127, (5, 64)).astype(np.float32) + 0.5  # [5, 64]
+    x[:, 0], x[:, 33] = 127, -127
+    y = _product(library, 8, np.eye(64, dtype=np.int8), np.ones((2, 64), np.float32), (5, 64)).run(None, {"x": x})[0]
+    assert np.array_equal(y, np.round(x))
+
+
 def test_shapes_that_do_not_multiply_are_an_error_not_a_crash(library):
     q, scale = np.zeros((64, 32), np.int8), np.ones((2, 32), np.float32)
     with pytest.raises(Exception, match=r"x \[1, 96\] and q \[64, 32\] do not multiply"):

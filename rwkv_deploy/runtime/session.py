@@ -152,11 +152,17 @@ class OnnxSession(Session):
         if "CPUExecutionProvider" not in self.providers:
             self.providers = [*self.providers, "CPUExecutionProvider"]
         ops = ((self.manifest.get("requires") or {}).get("custom_ops") or {}).get("ops", [])
-        if any(op in CPU_PRODUCTS for op in ops):
+        products = sorted(op for op in ops if op in CPU_PRODUCTS)
+        if products and self.providers[0] != "CPUExecutionProvider":
+            log.warning("%s multiplies with the library's CPU kernels (%s): under %s those products run on the "
+                        "CPU (export with --matmul portable for GPUs)", self.folder, ", ".join(products),
+                        self.providers[0])
+        if products:
             import ctypes
 
-            # trusted and registered above: the symbol only reports what the CPU offers
-            path_taken = getattr(ctypes.CDLL(str(path)), "RwkvMatMulQPath", None)
+            # trusted and registered above: the symbol only reports the path this CPU (and the env cap) gives
+            symbol = "RwkvMatMulF16Path" if "MatMulF16" in products else "RwkvMatMulQPath"
+            path_taken = getattr(ctypes.CDLL(str(path)), symbol, None)
             if path_taken is not None:
                 path_taken.restype = ctypes.c_char_p
                 if path_taken() == b"plain":

@@ -154,7 +154,7 @@ Ort::Status WKV4(OrtKernelContext* ctx, const Tensor<float>& w, const Tensor<flo
 
 // WKV5/WKV7 outputs: y [B, T, H, N], and S_out [B, H, N, N], which each head's task starts as a copy of its own
 // head of S (StartHead) and then updates in place: copied by one thread up front, the state took longer than the
-// recurrence (12 v7 layers of 12 x 64 x 64: 461 us a step before, 228 us after, with WKV7Head's own change).
+// recurrence (12 v7 layers of 12 x 64 x 64: 461 us a step before, 270 us after, with WKV7Head's own change).
 void HeadOutputs(Tensor<float>& y, Tensor<float>& S_out, int64_t B, int64_t T, int64_t H, int64_t N, float*& Y,
                  float*& SO) {
   Y = y.Allocate({B, T, H, N});
@@ -306,7 +306,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void QuantizeBlocksAvx512(c
 }
 #endif
 
-// vector: AVX-512 where the CPU has it (the plain path's tests run the scalar loop)
+// vector: AVX-512 where the CPU has it (RWKV_DEPLOY_MATMULQ=plain|avx2 keeps the scalar loop)
 void QuantizeRows(const float* x, int64_t rows, int64_t K, QRows& out, bool vector) {
   const int64_t nb = K / kQBlock;
   out.q.resize(rows * K);
@@ -696,12 +696,14 @@ QPath BestPath() {
 
 // The path this call takes: the best this CPU has, capped by RWKV_DEPLOY_MATMULQ=plain|avx2|vnni (tests and
 // benchmarks run each on one CPU; read per call, a few hundred nanoseconds against tens of microseconds).
-QPath Path() {
+QPath Cap() {  // RWKV_DEPLOY_MATMULQ's path, or no cap (kAmx)
   const char* cap = std::getenv("RWKV_DEPLOY_MATMULQ");
-  for (int p = 0; cap && p < static_cast<int>(BestPath()); ++p)
+  for (int p = 0; cap && p < static_cast<int>(QPath::kAmx); ++p)
     if (std::strcmp(cap, kPathNames[p]) == 0) return static_cast<QPath>(p);
-  return BestPath();
+  return QPath::kAmx;
 }
+
+QPath Path() { return std::min(BestPath(), Cap()); }
 
 template <int BITS, typename QT>
 Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<QT>& q, const Tensor<float>& scale,
@@ -719,7 +721,7 @@ Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<
   float* out = y.Allocate(xs);
   const QPath path = Path();
   QRows rows;
-  QuantizeRows(x.Data(), M, K, rows, path != QPath::kPlain);
+  QuantizeRows(x.Data(), M, K, rows, Cap() >= QPath::kVnni);  // AVX-512 rounding unless capped below it
   const auto* qd = reinterpret_cast<const uint8_t*>(q.Data());
   const float* sd = scale.Data();
 #ifdef RWKV_VNNI
@@ -772,9 +774,10 @@ inline To BitCast(From v) {
   return out;
 }
 
-// float16 bits -> float, exact for every value (checked against F16C over all 65536) and branch-free, so that the
-// plain loop's conversion vectorizes. Normal values only move their exponent; subnormals go through an integer
-// conversion, not a float rescale (a denormal float operand costs a microcode assist per instruction).
+// float16 bits -> float, exact for every value (checked against F16C over all 65536; a signalling NaN stays
+// signalling, where F16C quiets it) and branch-free, so that the plain loop's conversion vectorizes. Normal values
+// only move their exponent; subnormals go through an integer conversion, not a float rescale (a denormal float
+// operand costs a microcode assist per instruction).
 inline float HalfToFloat(uint16_t h) {
   const uint32_t em = h & 0x7fffu;
   const uint32_t sub = 0u - static_cast<uint32_t>(em < 0x400u), special = 0u - static_cast<uint32_t>(em >= 0x7c00u);
@@ -784,6 +787,7 @@ inline float HalfToFloat(uint16_t h) {
 }
 
 enum class HPath { kPlain, kAvx2, kAvx512 };
+const char* const kHPathNames[] = {"plain", "avx2", "avx512"};
 
 // Columns [na, nb) of w's products with M rows of x (K long), added into y (rows of N floats).
 struct HPart {
@@ -1006,10 +1010,11 @@ F16C_TARGET int64_t ToHalfF16c(const float* y, int64_t na, int64_t nb, uint16_t*
 }
 #endif
 
-// The fastest path this CPU has, capped as MatMulQ's by RWKV_DEPLOY_MATMULQ (plain, avx2).
+// The fastest path this CPU has (AVX-512 F/BW/VL is enough: no VNNI needed), capped by RWKV_DEPLOY_MATMULQ=
+// plain|avx2 as MatMulQ's is.
 HPath BestHPath() {
 #ifdef RWKV_VNNI
-  const QPath cap = Path();
+  const QPath cap = Cap();
   if (cap >= QPath::kVnni && HasAvx512()) return HPath::kAvx512;
   if (cap >= QPath::kAvx2 && HasF16c()) return HPath::kAvx2;
 #endif
@@ -1134,9 +1139,12 @@ extern "C" {
 __attribute__((used)) static const char kVersionTag[] = "rwkv-deploy-ops-version=" RWKV_DEPLOY_VERSION ";";
 RWKV_EXPORT const char* RwkvOpsVersion() { return kVersionTag; }
 
-// The fastest path rwkv::MatMulQ8/MatMulQ4 take on this CPU: "amx", "vnni", "avx2" or "plain" (the session warns
-// on "plain": a quantized fused export is then slower than a portable one).
-RWKV_EXPORT const char* RwkvMatMulQPath() { return kPathNames[static_cast<int>(BestPath())]; }
+// The path rwkv::MatMulQ8/MatMulQ4 take on this CPU: "amx", "vnni", "avx2" or "plain" (the session warns on
+// "plain": a fused quantized export is then slower than a portable one).
+RWKV_EXPORT const char* RwkvMatMulQPath() { return kPathNames[static_cast<int>(Path())]; }
+
+// The same for rwkv::MatMulF16: "avx512", "avx2" or "plain". Both honour RWKV_DEPLOY_MATMULQ, as calls do.
+RWKV_EXPORT const char* RwkvMatMulF16Path() { return kHPathNames[static_cast<int>(BestHPath())]; }
 
 RWKV_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
