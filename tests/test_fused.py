@@ -64,6 +64,47 @@ def single_node_model(op, inputs):
                                                        onnx.helper.make_opsetid("rwkv", 1)])
 
 
+def _wkv4_float64(w, u, k, v, aa, bb, pp):
+    """RWKV-4's recurrence in float64 (spec's stable form), token by token: y [B, T, A] and the state."""
+    w, u, k, v, a, b, p = (np.asarray(x, np.float64) for x in (w, u, k, v, aa, bb, pp))
+    ys = []
+    for t in range(k.shape[1]):
+        ww = u + k[:, t]
+        q = np.maximum(p, ww)
+        e1, e2 = np.exp(p - q), np.exp(ww - q)
+        ys.append((e1 * a + e2 * v[:, t]) / (e1 * b + e2))
+        ww = w + p
+        q = np.maximum(ww, k[:, t])
+        e1, e2 = np.exp(ww - q), np.exp(k[:, t] - q)
+        a, b, p = e1 * a + e2 * v[:, t], e1 * b + e2, q
+    return np.stack(ys, 1), a, b, p
+
+
+@pytest.mark.parametrize("path", ["plain", "vnni"])
+@pytest.mark.parametrize("A", [70, 100, 128])
+def test_wkv4_kernel_against_float64(fused, monkeypatch, path, A):
+    """The WKV4 kernel on its own, B = 2, T = 40, from a fresh state (pp = -1e38) and from a running one: the
+    scalar loop (RWKV_DEPLOY_MATMULQ=plain) and, where the CPU has AVX-512, 16 channels a lane-step with the
+    kernel's own exp (70 and 100 channels leave a scalar tail in a task's block of 64), within float32 rounding
+    of float64."""
+    monkeypatch.setenv("RWKV_DEPLOY_MATMULQ", path)
+    lib = fused("4") / "librwkv_ops.so"
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(lib))
+    sess = ort.InferenceSession(single_node_model("WKV4", None).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(A)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    feeds = dict(w=-np.exp(f(A)), u=f(A), k=3 * f(2, 40, A), v=f(2, 40, A), aa=np.zeros((2, A), np.float32),
+                 bb=np.zeros((2, A), np.float32), pp=np.full((2, A), -1e38, np.float32))
+    feeds["aa"][1], feeds["bb"][1], feeds["pp"][1] = f(A), np.abs(f(A)) + 1, f(A)  # the second row mid-sequence
+    got = sess.run(None, feeds)
+    exact = _wkv4_float64(*feeds.values())
+    assert np.abs(got[0] - exact[0]).max() <= 1e-5 * np.abs(exact[0]).max()
+    for g, e in zip(got[1:], exact[1:]):
+        assert np.abs(g - e).max() <= 1e-5 * np.abs(e).max()
+
+
 @pytest.mark.parametrize("op,feeds,message", [
     ("WKV5", dict(r=(2, 3, 4, 8), k=(2, 3, 4, 8), v=(2, 3, 4, 8), w=(2, 3, 4, 8), u=(4, 8), S=(2, 4, 8, 7)),
      "input S has shape [2, 4, 8, 7], expected [2, 4, 8, 8]"),
