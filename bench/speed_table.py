@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import add_model_args, write_checkpoint  # noqa: E402
 
+from rwkv_deploy.runtime.manifest import write_bytes_atomic  # noqa: E402
+
 CLI = [sys.executable, "-m", "rwkv_deploy.cli"]
 RWKVCPP_FORMATS = ("FP32", "FP16", "Q8_0", "Q4_0")
 
@@ -207,20 +209,13 @@ def main() -> None:
 
             print(f"v{v:<3}{label:<32}{statistics.median(per):6.2f}   ({min(per):.2f} - {max(per):.2f})")
     if a.json:
-        write_atomic(Path(a.json), json.dumps({
+        write_bytes_atomic(Path(a.json), json.dumps({
             "rows": [dict(zip(("version", "runtime", "decode_tok_s", "prefill_tok_s", "floor_tok_s"), r)) for r in rows],
             "rounds": [[dict(zip(("version", "runtime", "decode_tok_s", "prefill_tok_s", "floor_tok_s"), r))
                         for r in rs] for rs in rounds],
             "ratios": [{"version": v, "ratio": label, "per_round": per} for v, label, per in found]}, indent=1).encode())
     if a.plot:
-        write_atomic(Path(a.plot), plot_table(rows, a))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """A temp name beside it, then renamed: an interrupted run leaves the previous file whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+        write_bytes_atomic(Path(a.plot), plot_table(rows, a))
 
 
 def plot_table(rows: list[tuple], a) -> bytes:

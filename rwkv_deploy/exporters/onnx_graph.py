@@ -304,9 +304,10 @@ class WeightWriter:
                     o.version = max(o.version, 21)
         elif self.kernels and fuse:
             keep = _half_products(keep, weights, source, rename)
+        from ..custom_ops import CPU_PRODUCTS
         from ..custom_ops.torch_ops import DOMAIN, OPSET, register_for_export
 
-        if any(n.domain == DOMAIN and n.op_type.startswith("MatMul") for n in keep):
+        if any(n.domain == DOMAIN and n.op_type in CPU_PRODUCTS for n in keep):
             register_for_export()  # the products' schemas
             if all(o.domain != DOMAIN for o in proto.opset_import):
                 proto.opset_import.append(helper.make_opsetid(DOMAIN, OPSET))

@@ -146,16 +146,18 @@ __attribute__((target("avx512f"))) inline __m512 ExpNonPositive(__m512 x) {
 }
 #endif
 
+template <typename To, typename From>
+inline To BitCast(From v) {
+  To out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+}
+
 // c ? x : y by masks, not a branch (a data-dependent branch mispredicts half the time: WKV4's scalar loop took 10 %
 // longer with branches)
 inline float Pick(bool c, float x, float y) {
-  uint32_t xb, yb;
-  std::memcpy(&xb, &x, 4);
-  std::memcpy(&yb, &y, 4);
-  const uint32_t m = 0u - static_cast<uint32_t>(c), r = (xb & m) | (yb & ~m);
-  float out;
-  std::memcpy(&out, &r, 4);
-  return out;
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return BitCast<float>((BitCast<uint32_t>(x) & m) | (BitCast<uint32_t>(y) & ~m));
 }
 
 // ---- RWKV-4: the stable "pp" form, one recurrence per (batch row, channel) ----
@@ -849,13 +851,6 @@ Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<
 // and then reads 4 bytes a weight every step. This reads the 2 stored bytes and converts them in registers; the
 // products and their sums are float32 (as a float16 GEMM accumulates), y is rounded to float16 once, to nearest
 // even.
-
-template <typename To, typename From>
-inline To BitCast(From v) {
-  To out;
-  std::memcpy(&out, &v, sizeof out);
-  return out;
-}
 
 // float16 bits -> float, exact for every value (checked against F16C over all 65536; a signalling NaN stays
 // signalling, where F16C quiets it) and branch-free, so that the plain loop's conversion vectorizes. Normal values
