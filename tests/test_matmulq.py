@@ -1,5 +1,5 @@
-"""rwkv::MatMulQ8 / MatMulQ4, the products of fused int8/int4 exports' step graphs: exact integer math on the
-export's own q and scale, the same bytes the prefill graph's DequantizeLinear reads."""
+"""rwkv::MatMulQ8 / MatMulQ4, the products of fused int8/int4 exports' step and prefill graphs: exact integer math
+on the export's own q and scale."""
 import json
 
 import numpy as np
@@ -45,13 +45,15 @@ def _product(library, bits, q, scale, x_shape):
 @pytest.mark.parametrize("path", ["plain", "avx2", "vnni", "amx"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("K, N, x_shape", [(64, 200, (1, 1, 64)), (96, 40, (3, 96)), (768, 130, (2, 9, 768)),
-                                           (256, 256, (17, 256)), (128, 192, (3, 128)), (128, 320, (5, 128))])
+                                           (256, 256, (17, 256)), (128, 192, (3, 128)), (128, 320, (5, 128)),
+                                           (96, 130, (70, 96)), (256, 64, (2, 20, 256))])
 def test_products_are_exact_integer_sums(library, monkeypatch, path, bits, K, N, x_shape):
     """y = int8_blocks(x) (dequantized W), in float64: the kernel rounds x exactly as models/quant.py's
     reference does, multiplies in integers and scales once per block (float32 sums: ~1e-7 of the largest output).
     RWKV_DEPLOY_MATMULQ caps the path ("amx": no cap); a CPU without one runs the best it has, so on this
     workplace's CPU (AMX) each runs as named. N = 40 is all tail (the plain loop), 130 and 200 have tail columns; AMX
-    takes 4 rows and more."""
+    takes 4 rows and more; 40 and 70 rows (prefill-like) are more than one panel of 32 rows on the vector paths, more
+    than one tile of 16 on AMX's, and rounded on several threads."""
     monkeypatch.setenv("RWKV_DEPLOY_MATMULQ", path)
     rng = np.random.default_rng(K + N + bits)
     quant = QUANTS[f"int{bits}"]
@@ -92,26 +94,23 @@ def test_shapes_that_do_not_multiply_are_an_error_not_a_crash(library):
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 @pytest.mark.parametrize("version", ["4", "7"])
 def test_fused_quantized_exports_multiply_with_the_kernels(exported, version, precision):
-    """The step graph's products are MatMulQ nodes on the same initializers the prefill graph dequantizes (int4:
-    one stretch of the weights file, seen as uint8 pairs by one and INT4 by the other); the certificate and its
-    weights check pass, and the logits sit where the portable export's do."""
+    """The step and prefill graphs' products are MatMulQ nodes on the same initializers (int4: seen as uint8
+    pairs); the certificate and its weights check pass, and the logits sit where the portable export's do."""
     out = exported(version, precision, "fused")
     m = json.loads((out / "manifest.json").read_text())
     bits = {"int8": 8, "int4": 4}[precision]
     step = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     prefill = onnx.load(str(out / "prefill.onnx"), load_external_data=False).graph
-    ops = {n.op_type for n in step.node}
-    assert "DequantizeLinear" not in ops and f"MatMulQ{bits}" in ops and "DequantizeLinear" in {n.op_type for n in
-                                                                                                  prefill.node}
+    for graph in (step, prefill):
+        ops = {n.op_type for n in graph.node}
+        assert "DequantizeLinear" not in ops and f"MatMulQ{bits}" in ops
     assert f"MatMulQ{bits}" in m["requires"]["custom_ops"]["ops"]
     where = lambda t: (t.data_type, tuple(t.dims), [(e.key, e.value) for e in t.external_data])  # noqa: E731
     a = {t.name: where(t) for t in step.initializer if t.name.endswith("~q")}
     b = {t.name: where(t) for t in prefill.initializer if t.name.endswith("~q")}
     name = next(n for n in a if ".ffn.key." in n)
     assert a[name][2] == b[name][2] and a[name][2]  # the same bytes in the weights file
-    if bits == 4:
-        assert a[name][0] == onnx.TensorProto.UINT8 and b[name][0] == onnx.TensorProto.INT4
-        assert a[name][1] == (b[name][1][0], b[name][1][1] // 2)
+    assert a[name][:2] == b[name][:2] == (onnx.TensorProto.UINT8 if bits == 4 else onnx.TensorProto.INT8, a[name][1])
     report = verify(out, steps=16, batch=2, write=False)
     assert report and report.weights["checked"] and not report.weights["differ"], report.table()
     # the kernels round each product's input exactly as the reference does: the logits are the reference's to
@@ -121,9 +120,12 @@ def test_fused_quantized_exports_multiply_with_the_kernels(exported, version, pr
     from rwkv_deploy.validation.loop import stepwise
 
     tokens = np.random.default_rng(4).integers(0, 97, (2, 12))
-    ours = np.asarray(stepwise(open_session(out), tokens)[0])
-    ref = stepwise(at_precision(load_checkpoint(m["source"]["path"]), precision), torch.from_numpy(tokens))[0]
-    assert normalised(ours, np.asarray(ref)) <= 1e-5
+    session = open_session(out)
+    ours = np.asarray(stepwise(session, tokens)[0])
+    ref = np.asarray(stepwise(at_precision(load_checkpoint(m["source"]["path"]), precision), torch.from_numpy(tokens))[0])
+    assert normalised(ours, ref) <= 1e-5
+    last = np.asarray(session.prefill(tokens, session.init_state(2))[0])  # [2, vocab]: the last position's
+    assert normalised(last, ref[:, -1]) <= 1e-5
 
 
 def test_a_cpu_without_the_vector_paths_is_told_to_use_portable(exported, monkeypatch, caplog):

@@ -102,7 +102,8 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
         if prefill:
             # example T = 3: the T = 1 shortcut of models/wkv.py must not be taken, so the WKV becomes a Loop
             writer.bind(trace_graph(PrefillGraph(model, prefill == "all"), model, torch.zeros(2, 3, dtype=torch.long),
-                                    tmp / "prefill.onnx", opset), weight_names, tmp / "prefill.onnx", fuse=False)
+                                    tmp / "prefill.onnx", opset), weight_names, tmp / "prefill.onnx",
+                        half_kernels=False)
             files["prefill"] = "prefill.onnx"
             graphs["prefill"] = _graph_entry("prefill.onnx", external, ["batch", "seq"], d.vocab_size)
             graphs["prefill"]["positions"] = prefill

@@ -252,10 +252,11 @@ class WeightWriter:
         self.kernels = kernels
         self.halved: set[str] = set()  # tables that only Gather reads (the embedding): stored float16 beside them
 
-    def bind(self, proto, weight_names: set[str], path: Path, fuse: bool = True) -> None:
+    def bind(self, proto, weight_names: set[str], path: Path, half_kernels: bool = True) -> None:
         """Take a traced graph's weights out of it (folding what depends on one weight alone) and remember what
-        to write. fuse=False keeps a fused export's quantized products as DequantizeLinear + MatMul in this graph
-        (prefill: at 256 rows rwkv::MatMulQ* gave no faster prefill than ONNX Runtime's MatMulNBits)."""
+        to write. half_kernels=False keeps this graph's float16 products as MatMul (prefill: at 256 rows ONNX
+        Runtime's GEMM on its widened copy beats rwkv::MatMulF16); quantized products take the kernels in every
+        graph (at 256 rows rwkv::MatMulQ* is 2-2.5x faster than MatMulNBits here)."""
         import onnx
         from onnx import helper
 
@@ -298,11 +299,11 @@ class WeightWriter:
             node.input[:] = [rename.get(x, x) for x in node.input]
         paired: set[str] = set()  # int4 weights an rwkv::MatMulQ4 of this graph reads
         if self.quant is not None:
-            keep = self._dequantize(keep, weights, source, rename, self.kernels and fuse, paired)
+            keep = self._dequantize(keep, weights, source, rename, self.kernels, paired)
             for o in proto.opset_import:  # blocked DequantizeLinear and INT4 came with opset 21
                 if o.domain in ("", "ai.onnx"):
                     o.version = max(o.version, 21)
-        elif self.kernels and fuse:
+        elif self.kernels and half_kernels:
             keep = _half_products(keep, weights, source, rename)
         from ..custom_ops import CPU_PRODUCTS
         from ..custom_ops.torch_ops import DOMAIN, OPSET, register_for_export

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <thread>
 #include <vector>
@@ -378,15 +379,25 @@ struct QRows {  // x rounded per block: values, scales, and each block's sum of 
   std::vector<int32_t> sum;
 };
 
+struct QView {  // the kernels' rows of a QRows
+  const int8_t* q;
+  const float* scale;
+  const int32_t* sum;
+};
+
+QView RowsFrom(const QRows& x, int64_t m0, int64_t K) {
+  return {x.q.data() + m0 * K, x.scale.data() + m0 * (K / kQBlock), x.sum.data() + m0 * (K / kQBlock)};
+}
+
 #ifdef RWKV_VNNI
 
 // QuantizeRows' arithmetic 16 lanes at a time: the same IEEE division and round half to even, so the same values.
 // With the scalar loop a v4-shaped step's int4 products took 4.66 ms instead of 4.29, RWKV-7's 94 LoRA factors
 // and head 0.82 instead of 0.70 (batch 1, one process).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void QuantizeBlocksAvx512(const float* x, int64_t blocks,
-                                                                               QRows& out) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void QuantizeBlocksAvx512(const float* x, int64_t b0,
+                                                                               int64_t b1, QRows& out) {
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     const __m512 lo = _mm512_loadu_ps(x + b * kQBlock), hi = _mm512_loadu_ps(x + b * kQBlock + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
     const float scale = amax / 127.0f > 0.0f ? amax / 127.0f : 1.0f;
@@ -401,16 +412,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void QuantizeBlocksAvx512(c
 }
 #endif
 
-// vector: AVX-512 where the CPU has it (RWKV_DEPLOY_MATMULQ=plain|avx2 keeps the scalar loop)
-void QuantizeRows(const float* x, int64_t rows, int64_t K, QRows& out, bool vector) {
-  const int64_t nb = K / kQBlock;
-  out.q.resize(rows * K);
-  out.scale.resize(rows * nb);
-  out.sum.resize(rows * nb);
+// Blocks [b0, b1) of x; vector: AVX-512 where the CPU has it (RWKV_DEPLOY_MATMULQ=plain|avx2 keeps the scalar loop)
+void QuantizeBlocks(const float* x, int64_t b0, int64_t b1, QRows& out, bool vector) {
 #ifdef RWKV_VNNI
-  if (vector && HasAvx512()) return QuantizeBlocksAvx512(x, rows * nb, out);
+  if (vector && HasAvx512()) return QuantizeBlocksAvx512(x, b0, b1, out);
 #endif
-  for (int64_t b = 0; b < rows * nb; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     const float* xb = x + b * kQBlock;
     float amax = 0.0f;
     for (int64_t i = 0; i < kQBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
@@ -426,12 +433,32 @@ void QuantizeRows(const float* x, int64_t rows, int64_t K, QRows& out, bool vect
   }
 }
 
+// Every row of x, on the thread pool in stretches of rows once there are many (prefill: one thread rounding 256
+// rows took as long as a quarter of the AMX products).
+void QuantizeRows(OrtKernelContext* ctx, const float* x, int64_t rows, int64_t K, QRows& out, bool vector) {
+  const int64_t nb = K / kQBlock;
+  out.q.resize(rows * K);
+  out.scale.resize(rows * nb);
+  out.sum.resize(rows * nb);
+  constexpr int64_t kRowsPerTask = 16;
+  const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+  auto body = [&](size_t t) {
+    const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask, r1 = std::min(rows, r0 + kRowsPerTask);
+    QuantizeBlocks(x, r0 * nb, r1 * nb, out, vector);
+  };
+  if (tasks > 1) {
+    ParallelFor(ctx, static_cast<size_t>(tasks), body);
+  } else {
+    body(0);
+  }
+}
+
 // Columns [na, nb) (na even) of every row, any CPU: the tail columns of the vector paths, and everything where
 // there are none. Row by row through q, a block's integer sums for the whole stretch at a time: the loops over
 // columns vectorize (GCC builds them for AVX2 and the baseline and picks at load, as the WKV kernels).
 template <int BITS>
 __attribute__((always_inline)) inline void QColumnsBody(const uint8_t* q, const float* s, int64_t K, int64_t N,
-                                                        int64_t na, int64_t nb, int64_t M, const QRows& x, float* y) {
+                                                        int64_t na, int64_t nb, int64_t M, QView x, float* y) {
   const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock, width = nb - na;
   std::vector<int32_t> dot(width);
   for (int64_t m = 0; m < M; ++m) {
@@ -466,16 +493,16 @@ __attribute__((always_inline)) inline void QColumnsBody(const uint8_t* q, const 
 #define PLAIN_CLONES
 #endif
 PLAIN_CLONES void QColumns8(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
-                            int64_t M, const QRows& x, float* y) {
+                            int64_t M, QView x, float* y) {
   QColumnsBody<8>(q, s, K, N, na, nb, M, x, y);
 }
 PLAIN_CLONES void QColumns4(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
-                            int64_t M, const QRows& x, float* y) {
+                            int64_t M, QView x, float* y) {
   QColumnsBody<4>(q, s, K, N, na, nb, M, x, y);
 }
 template <int BITS>
 void QColumns(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb, int64_t M,
-              const QRows& x, float* y) {
+              QView x, float* y) {
   (BITS == 8 ? QColumns8 : QColumns4)(q, s, K, N, na, nb, M, x, y);
 }
 
@@ -498,11 +525,11 @@ VNNI_TARGET inline void Lanes4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m51
 }
 
 // Block b's 32 rows of 64 columns (q's bytes for column n0 at qb) -> w[g][j], g the group of 4 rows: each 32-bit
-// lane holds one column's 4 consecutive k, as unsigned bytes (the weight offset by 128, int4 by 8: vpdpbusd and
-// tdpbsud multiply unsigned by signed bytes). The byte/word interleaves work within 128-bit lanes, so w[g][j]'s
-// lane L holds columns 16L + 4j .. 16L + 4j + 3. All 32 rows at once, so that their loads go out together and
-// every row of x (and the AMX path's tiles) reuses them.
-template <int BITS>
+// lane holds one column's 4 consecutive k, as unsigned bytes (the weight offset by 128, int4 by 8: vpdpbusd
+// multiplies unsigned by signed bytes) or, SIGNED (AMX's tdpbssd), as they are. The byte/word interleaves work
+// within 128-bit lanes, so w[g][j]'s lane L holds columns 16L + 4j .. 16L + 4j + 3. All 32 rows at once, so that
+// their loads go out together and every row of x reuses them.
+template <int BITS, bool SIGNED = false>
 VNNI_TARGET inline void UnpackBlock(const uint8_t* qb, int64_t row, int64_t b, __m512i (*w)[4]) {
   const __m512i offset = _mm512_set1_epi8(BITS == 8 ? static_cast<char>(0x80) : 0x08);
   const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -516,11 +543,12 @@ VNNI_TARGET inline void UnpackBlock(const uint8_t* qb, int64_t row, int64_t b, _
     for (int t = 0; t < 4; ++t) {
       const uint8_t* src = qb + (b * kQBlock + 4 * g + t) * row;
       if (BITS == 8) {
-        r[t] = _mm512_xor_si512(_mm512_loadu_si512(src), offset);
+        r[t] = SIGNED ? _mm512_loadu_si512(src) : _mm512_xor_si512(_mm512_loadu_si512(src), offset);
       } else {
         const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
         const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(p), _mm256_srli_epi16(p, 4), 1);
-        r[t] = _mm512_permutexvar_epi8(natural, _mm512_xor_si512(_mm512_and_si512(v, nibble), offset));
+        const __m512i u = _mm512_xor_si512(_mm512_and_si512(v, nibble), offset);  // the nibble + 8: 1 .. 15
+        r[t] = _mm512_permutexvar_epi8(natural, SIGNED ? _mm512_sub_epi8(u, offset) : u);
       }
     }
     const __m512i a = _mm512_unpacklo_epi8(r[0], r[1]), c = _mm512_unpackhi_epi8(r[0], r[1]);
@@ -551,7 +579,7 @@ __attribute__((always_inline)) inline void PrefetchAhead(const uint8_t* q, int64
 // the CPU has one.
 template <int BITS>
 VNNI_TARGET void QColumnsVnni(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
-                              int64_t M, const QRows& x, float* y) {
+                              int64_t M, QView x, float* y) {
   constexpr int64_t MT = 4;  // rows of x per pass over a block's weights
   const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock;
   for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + na, y + m * N + nb, 0.0f);
@@ -572,7 +600,7 @@ VNNI_TARGET void QColumnsVnni(const uint8_t* q, const float* s, int64_t K, int64
         for (int64_t g = 0; g < kQBlock / 4; ++g)
           for (int64_t i = 0; i < mt; ++i) {
             int32_t xk;  // x's 4 values at k..k+3, in every lane
-            std::memcpy(&xk, x.q.data() + (m0 + i) * K + b * kQBlock + 4 * g, 4);
+            std::memcpy(&xk, x.q + (m0 + i) * K + b * kQBlock + 4 * g, 4);
             const __m512i xb = _mm512_set1_epi32(xk);
             for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[g][j], xb);
           }
@@ -636,7 +664,7 @@ AVX2_TARGET inline void UnpackBlock32(const uint8_t* qb, int64_t row, int64_t b,
 
 template <int BITS>
 AVX2_TARGET void QColumnsAvx2(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
-                              int64_t M, const QRows& x, float* y) {
+                              int64_t M, QView x, float* y) {
   constexpr int64_t MT = 2;  // rows of x per pass (16 vector registers)
   const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -659,7 +687,7 @@ AVX2_TARGET void QColumnsAvx2(const uint8_t* q, const float* s, int64_t K, int64
         for (int64_t g = 0; g < kQBlock / 4; ++g)
           for (int64_t i = 0; i < mt; ++i) {
             int32_t xk;  // x's 4 values at k..k+3, in every 32-bit lane
-            std::memcpy(&xk, x.q.data() + (m0 + i) * K + b * kQBlock + 4 * g, 4);
+            std::memcpy(&xk, x.q + (m0 + i) * K + b * kQBlock + 4 * g, 4);
             const __m256i xb = _mm256_set1_epi32(xk), ax = _mm256_abs_epi8(xb);
             for (int j = 0; j < 4; ++j) {
               const __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[g][j], xb));
@@ -700,62 +728,79 @@ struct TileConfig {  // the layout _tile_loadconfig reads (palette 1)
   uint8_t rows[16] = {};
 };
 
-// Columns [na, nb) for rows of x in tiles of 16 (x.q padded to a multiple of 16 rows) with AMX: per block and 64
-// columns, the unpacked weights become four B tiles (8 groups of 4 rows x 16 columns, columns in order) and
-// tdpbsud multiplies 16 rows of x by each; the block's scales then go on as in the VNNI path, in column order.
+// A block's integer sums C (16 rows x 64 columns, 16 columns a tile) times the weights' scales sw (64, in column
+// order) and x's scales xs (one a row, rows nbk apart), added to acc.
+AMX_TARGET __attribute__((always_inline)) inline void ScaleBlock(const int32_t (*C)[16][16], const float* sw,
+                                                                 const float* xs, int64_t nbk, int64_t rows,
+                                                                 float (*acc)[64]) {
+  __m512 sv[4];
+  for (int L = 0; L < 4; ++L) sv[L] = _mm512_loadu_ps(sw + 16 * L);
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512 xi = _mm512_set1_ps(xs[i * nbk]);
+    for (int L = 0; L < 4; ++L)
+      _mm512_store_ps(acc[i] + 16 * L, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(C[L][i])),
+                                                       _mm512_mul_ps(xi, sv[L]), _mm512_load_ps(acc[i] + 16 * L)));
+  }
+}
+
+// Columns [na, nb) for rows of x in tiles of 16 (x.q padded to a multiple of 16 rows) with AMX. Per 64 columns,
+// the weights of every block become four B tiles each (8 groups of 4 rows x 16 columns, signed, columns in order),
+// unpacked while the first 16 rows of x use them and kept (K x 64 bytes) for the rest; each tile of 16 rows then
+// runs through all blocks with its float sums in L1, written to y once. (Blocks outermost, the sums of every row
+// went through y once a block: at 256 rows y outgrew L2, and two v4 layers' int8 products took 26.3 ms, as long as
+// float32 MatMul; now 11.1, with the rounding of x on both threads.) tdpbssd's sums are exact and equal the VNNI
+// path's offset-corrected ones; the scales go on in the same order, so the two paths give the same bits.
 template <int BITS>
 AMX_TARGET void QColumnsAmx(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
-                            int64_t M, const QRows& x, float* y) {
+                            int64_t M, QView x, float* y) {
   TileConfig cfg;
   cfg.rows[0] = 16, cfg.colsb[0] = kQBlock;  // A: 16 rows of x, one block
   cfg.rows[1] = kQBlock / 4, cfg.colsb[1] = 64;  // B: 8 groups of 4 rows, 16 columns x 4 bytes
   for (int t = 2; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;  // C: 16 x 16 int32, one per 16 columns
   _tile_loadconfig(&cfg);
   const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock;
-  alignas(64) uint8_t B[4][kQBlock / 4][64];
-  alignas(64) int32_t C[4][16][16];
-  for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + na, y + m * N + nb, 0.0f);
-  for (int64_t b = 0; b < nbk; ++b) {
-    for (int64_t n0 = na; n0 < nb; n0 += 64) {
-      PrefetchAhead<BITS>(q, row, b, nbk, n0, na, nb);
-      __m512i w[kQBlock / 4][4];
-      UnpackBlock<BITS>(q + (BITS == 8 ? n0 : n0 / 2), row, b, w);
-      for (int64_t g = 0; g < kQBlock / 4; ++g) {  // lane L of w[g][0..3]: columns 16L .. 16L + 15, in order
-        __m512 o[4];
-        Lanes4(_mm512_castsi512_ps(w[g][0]), _mm512_castsi512_ps(w[g][1]), _mm512_castsi512_ps(w[g][2]),
-               _mm512_castsi512_ps(w[g][3]), o);
-        for (int L = 0; L < 4; ++L) _mm512_store_ps(reinterpret_cast<float*>(B[L][g]), o[L]);
-      }
-      for (int64_t m0 = 0; m0 < M; m0 += 16) {
-        _tile_loadd(0, x.q.data() + m0 * K + b * kQBlock, K);
+  using BTiles = uint8_t[4][kQBlock / 4][64];  // one block's four B tiles
+  std::unique_ptr<BTiles[]> B(new (std::align_val_t(64)) BTiles[nbk]);
+  alignas(64) int32_t C[2][4][16][16];  // block b's sums in C[b % 2]
+  alignas(64) float acc[16][64];
+  for (int64_t n0 = na; n0 < nb; n0 += 64) {
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+      const int64_t mt = std::min<int64_t>(16, M - m0);
+      std::memset(acc, 0, sizeof acc);
+      for (int64_t b = 0; b < nbk; ++b) {
+        if (m0 == 0) {
+          PrefetchAhead<BITS>(q, row, b, nbk, n0, na, nb);
+          __m512i w[kQBlock / 4][4];
+          UnpackBlock<BITS, true>(q + (BITS == 8 ? n0 : n0 / 2), row, b, w);
+          for (int64_t g = 0; g < kQBlock / 4; ++g) {  // lane L of w[g][0..3]: columns 16L .. 16L + 15, in order
+            __m512 o[4];
+            Lanes4(_mm512_castsi512_ps(w[g][0]), _mm512_castsi512_ps(w[g][1]), _mm512_castsi512_ps(w[g][2]),
+                   _mm512_castsi512_ps(w[g][3]), o);
+            for (int L = 0; L < 4; ++L) _mm512_store_ps(reinterpret_cast<float*>(B[b][L][g]), o[L]);
+          }
+        }
+        _tile_loadd(0, x.q + m0 * K + b * kQBlock, K);
         _tile_zero(2);
         _tile_zero(3);
         _tile_zero(4);
         _tile_zero(5);
-        _tile_loadd(1, B[0], 64);
-        _tile_dpbsud(2, 0, 1);
-        _tile_loadd(1, B[1], 64);
-        _tile_dpbsud(3, 0, 1);
-        _tile_loadd(1, B[2], 64);
-        _tile_dpbsud(4, 0, 1);
-        _tile_loadd(1, B[3], 64);
-        _tile_dpbsud(5, 0, 1);
-        _tile_stored(2, C[0], 64);
-        _tile_stored(3, C[1], 64);
-        _tile_stored(4, C[2], 64);
-        _tile_stored(5, C[3], 64);
-        for (int64_t i = 0; i < std::min<int64_t>(16, M - m0); ++i) {
-          const int64_t mb = (m0 + i) * nbk + b;
-          const __m512i off = _mm512_set1_epi32((BITS == 8 ? 128 : 8) * x.sum[mb]);
-          const __m512 xs = _mm512_set1_ps(x.scale[mb]);
-          float* yo = y + (m0 + i) * N + n0;
-          for (int L = 0; L < 4; ++L) {
-            const __m512 acc = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(C[L][i]), off));
-            const __m512 scale = _mm512_mul_ps(xs, _mm512_loadu_ps(s + b * N + n0 + 16 * L));  // columns in order
-            _mm512_storeu_ps(yo + 16 * L, _mm512_fmadd_ps(acc, scale, _mm512_loadu_ps(yo + 16 * L)));
-          }
-        }
+        _tile_loadd(1, B[b][0], 64);
+        _tile_dpbssd(2, 0, 1);
+        _tile_loadd(1, B[b][1], 64);
+        _tile_dpbssd(3, 0, 1);
+        _tile_loadd(1, B[b][2], 64);
+        _tile_dpbssd(4, 0, 1);
+        _tile_loadd(1, B[b][3], 64);
+        _tile_dpbssd(5, 0, 1);
+        if (b > 0)  // the vector units scale the last block while the tiles multiply this one
+          ScaleBlock(C[(b - 1) % 2], s + (b - 1) * N + n0, x.scale + m0 * nbk + b - 1, nbk, mt, acc);
+        _tile_stored(2, C[b % 2][0], 64);
+        _tile_stored(3, C[b % 2][1], 64);
+        _tile_stored(4, C[b % 2][2], 64);
+        _tile_stored(5, C[b % 2][3], 64);
       }
+      ScaleBlock(C[(nbk - 1) % 2], s + (nbk - 1) * N + n0, x.scale + m0 * nbk + nbk - 1, nbk, mt, acc);
+      for (int64_t i = 0; i < mt; ++i) std::memcpy(y + (m0 + i) * N + n0, acc[i], sizeof acc[i]);
     }
   }
   _tile_release();
@@ -806,7 +851,7 @@ Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<
   float* out = y.Allocate(xs);
   const QPath path = Path();
   QRows rows;
-  QuantizeRows(x.Data(), M, K, rows, Cap() >= QPath::kVnni);  // AVX-512 rounding unless capped below it
+  QuantizeRows(ctx, x.Data(), M, K, rows, Cap() >= QPath::kVnni);  // AVX-512 rounding unless capped below it
   const auto* qd = reinterpret_cast<const uint8_t*>(q.Data());
   const float* sd = scale.Data();
 #ifdef RWKV_VNNI
@@ -814,24 +859,32 @@ Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<
     const bool amx = path == QPath::kAmx && M >= kAmxRows;
     if (amx) rows.q.resize((M + 15) / 16 * 16 * K, 0);  // whole tiles of 16 rows; the padding's outputs are dropped
     const int64_t width = path == QPath::kAvx2 ? 32 : 64, tiles = N / width, tasks = ColumnTasks(tiles * width / 64);
+    // without AMX, rows of x in panels of 32: every block's sums go through y, which must stay in L2 (256 rows of
+    // a prefill at once: the VNNI path took 31 ms for two v4 layers' products instead of 24; 16 rows 24, 64 rows 35)
+    const int64_t panel = amx ? M : 32;
     auto body = [&](size_t task) {
       const int64_t t = static_cast<int64_t>(task), na = width * (tiles * t / tasks);
       const int64_t nb = width * (tiles * (t + 1) / tasks);
-      if (path == QPath::kAvx2) {
-        QColumnsAvx2<BITS>(qd, sd, K, N, na, nb, M, rows, out);
+      for (int64_t m0 = 0; m0 < M; m0 += panel) {
+        const int64_t mp = std::min(panel, M - m0);
+        const QView xp = RowsFrom(rows, m0, K);
+        float* yp = out + m0 * N;
+        if (path == QPath::kAvx2) {
+          QColumnsAvx2<BITS>(qd, sd, K, N, na, nb, mp, xp, yp);
 #ifdef RWKV_AMX
-      } else if (amx) {
-        QColumnsAmx<BITS>(qd, sd, K, N, na, nb, M, rows, out);
+        } else if (amx) {
+          QColumnsAmx<BITS>(qd, sd, K, N, na, nb, mp, xp, yp);
 #endif
-      } else {
-        QColumnsVnni<BITS>(qd, sd, K, N, na, nb, M, rows, out);
+        } else {
+          QColumnsVnni<BITS>(qd, sd, K, N, na, nb, mp, xp, yp);
+        }
+        if (t == tasks - 1) QColumns<BITS>(qd, sd, K, N, width * tiles, N, mp, xp, yp);
       }
-      if (t == tasks - 1) QColumns<BITS>(qd, sd, K, N, width * tiles, N, M, rows, out);
     };
     if (tiles > 0) {
       ParallelFor(ctx, static_cast<size_t>(tasks), body);
     } else {
-      QColumns<BITS>(qd, sd, K, N, 0, N, M, rows, out);
+      QColumns<BITS>(qd, sd, K, N, 0, N, M, RowsFrom(rows, 0, K), out);
     }
     return Ort::Status{nullptr};
   }
@@ -839,7 +892,8 @@ Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<
   const int64_t tiles = (N + 63) / 64, tasks = ColumnTasks(tiles);  // stretches of whole 64s: na stays even
   auto body = [&](size_t task) {
     const int64_t t = static_cast<int64_t>(task);
-    QColumns<BITS>(qd, sd, K, N, 64 * (tiles * t / tasks), std::min(N, 64 * (tiles * (t + 1) / tasks)), M, rows, out);
+    QColumns<BITS>(qd, sd, K, N, 64 * (tiles * t / tasks), std::min(N, 64 * (tiles * (t + 1) / tasks)), M,
+                   RowsFrom(rows, 0, K), out);
   };
   ParallelFor(ctx, static_cast<size_t>(tasks), body);
   return Ort::Status{nullptr};
