@@ -729,27 +729,72 @@ struct TileConfig {  // the layout _tile_loadconfig reads (palette 1)
 };
 
 // A block's integer sums C (16 rows x 64 columns, 16 columns a tile) times the weights' scales sw (64, in column
-// order) and x's scales xs (one a row, rows nbk apart), added to acc.
+// order) and x's scales xs (one a row, rows nbk apart), added to acc (rows `stride` floats apart).
 AMX_TARGET __attribute__((always_inline)) inline void ScaleBlock(const int32_t (*C)[16][16], const float* sw,
                                                                  const float* xs, int64_t nbk, int64_t rows,
-                                                                 float (*acc)[64]) {
+                                                                 float* acc, int64_t stride) {
   __m512 sv[4];
   for (int L = 0; L < 4; ++L) sv[L] = _mm512_loadu_ps(sw + 16 * L);
   for (int64_t i = 0; i < rows; ++i) {
     const __m512 xi = _mm512_set1_ps(xs[i * nbk]);
+    float* a = acc + i * stride;
     for (int L = 0; L < 4; ++L)
-      _mm512_store_ps(acc[i] + 16 * L, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(C[L][i])),
-                                                       _mm512_mul_ps(xi, sv[L]), _mm512_load_ps(acc[i] + 16 * L)));
+      _mm512_storeu_ps(a + 16 * L, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(C[L][i])),
+                                                   _mm512_mul_ps(xi, sv[L]), _mm512_loadu_ps(a + 16 * L)));
   }
 }
 
-// Columns [na, nb) for rows of x in tiles of 16 (x.q padded to a multiple of 16 rows) with AMX. Per 64 columns,
-// the weights of every block become four B tiles each (8 groups of 4 rows x 16 columns, signed, columns in order),
-// unpacked while the first 16 rows of x use them and kept (K x 64 bytes) for the rest; each tile of 16 rows then
-// runs through all blocks with its float sums in L1, written to y once. (Blocks outermost, the sums of every row
-// went through y once a block: at 256 rows y outgrew L2, and two v4 layers' int8 products took 26.3 ms, as long as
-// float32 MatMul; now 11.1, with the rounding of x on both threads.) tdpbssd's sums are exact and equal the VNNI
-// path's offset-corrected ones; the scales go on in the same order, so the two paths give the same bits.
+using BTiles = uint8_t[4][kQBlock / 4][64];  // one block's 64 columns as four B tiles
+
+// Block b's 64 columns from n0 -> B tiles: 8 groups of 4 rows x 16 columns, signed, columns in order.
+template <int BITS>
+AMX_TARGET __attribute__((always_inline)) inline void UnpackTiles(const uint8_t* q, int64_t row, int64_t b,
+                                                                  int64_t n0, BTiles& out) {
+  __m512i w[kQBlock / 4][4];
+  UnpackBlock<BITS, true>(q + (BITS == 8 ? n0 : n0 / 2), row, b, w);
+  for (int64_t g = 0; g < kQBlock / 4; ++g) {  // lane L of w[g][0..3]: columns 16L .. 16L + 15, in order
+    __m512 o[4];
+    Lanes4(_mm512_castsi512_ps(w[g][0]), _mm512_castsi512_ps(w[g][1]), _mm512_castsi512_ps(w[g][2]),
+           _mm512_castsi512_ps(w[g][3]), o);
+    for (int L = 0; L < 4; ++L) _mm512_store_ps(reinterpret_cast<float*>(out[L][g]), o[L]);
+  }
+}
+
+// 16 rows of x's block (a, rows lda apart) times a block's B tiles into tiles 2..5; StoreSums writes them out.
+// Split so that the vector units can scale the previous block's sums while the tiles multiply.
+AMX_TARGET __attribute__((always_inline)) inline void MultiplyBlock(const int8_t* a, int64_t lda, const BTiles& bt) {
+  _tile_loadd(0, a, lda);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_loadd(1, bt[0], 64);
+  _tile_dpbssd(2, 0, 1);
+  _tile_loadd(1, bt[1], 64);
+  _tile_dpbssd(3, 0, 1);
+  _tile_loadd(1, bt[2], 64);
+  _tile_dpbssd(4, 0, 1);
+  _tile_loadd(1, bt[3], 64);
+  _tile_dpbssd(5, 0, 1);
+}
+
+AMX_TARGET __attribute__((always_inline)) inline void StoreSums(int32_t (*C)[16][16]) {
+  _tile_stored(2, C[0], 64);
+  _tile_stored(3, C[1], 64);
+  _tile_stored(4, C[2], 64);
+  _tile_stored(5, C[3], 64);
+}
+
+// Columns [na, nb) for rows of x in tiles of 16 (x.q padded to a multiple of 16 rows) with AMX: tdpbssd's sums are
+// exact and equal the VNNI path's offset-corrected ones, and the scales go on in the same order, so the two paths
+// give the same bits. Two loop orders:
+// - one tile of rows (batched decode): blocks outermost as in the VNNI path, so that each task streams its
+//   stretch of every row of q, the sums in y (16 rows of a stretch stay in L2);
+// - more (prefill): per 64 columns, the weights of every block become B tiles, unpacked while the first 16 rows
+//   use them and kept (K x 64 bytes) for the rest; each tile of 16 rows then runs through all blocks with its
+//   sums in L1, written to y once. With blocks outermost at 256 rows y outgrew L2, and two v4 layers' int8
+//   products took 26.3 ms, as long as float32 MatMul; this way 11.1, with x rounded on both threads. At 16 rows
+//   it was the slower one: batch-16 steps of a v4 int4 export 16.9 ms against 13.7.
 template <int BITS>
 AMX_TARGET void QColumnsAmx(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
                             int64_t M, QView x, float* y) {
@@ -759,48 +804,40 @@ AMX_TARGET void QColumnsAmx(const uint8_t* q, const float* s, int64_t K, int64_t
   for (int t = 2; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;  // C: 16 x 16 int32, one per 16 columns
   _tile_loadconfig(&cfg);
   const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock;
-  using BTiles = uint8_t[4][kQBlock / 4][64];  // one block's four B tiles
-  std::unique_ptr<BTiles[]> B(new (std::align_val_t(64)) BTiles[nbk]);
-  alignas(64) int32_t C[2][4][16][16];  // block b's sums in C[b % 2]
-  alignas(64) float acc[16][64];
-  for (int64_t n0 = na; n0 < nb; n0 += 64) {
-    for (int64_t m0 = 0; m0 < M; m0 += 16) {
-      const int64_t mt = std::min<int64_t>(16, M - m0);
-      std::memset(acc, 0, sizeof acc);
-      for (int64_t b = 0; b < nbk; ++b) {
-        if (m0 == 0) {
-          PrefetchAhead<BITS>(q, row, b, nbk, n0, na, nb);
-          __m512i w[kQBlock / 4][4];
-          UnpackBlock<BITS, true>(q + (BITS == 8 ? n0 : n0 / 2), row, b, w);
-          for (int64_t g = 0; g < kQBlock / 4; ++g) {  // lane L of w[g][0..3]: columns 16L .. 16L + 15, in order
-            __m512 o[4];
-            Lanes4(_mm512_castsi512_ps(w[g][0]), _mm512_castsi512_ps(w[g][1]), _mm512_castsi512_ps(w[g][2]),
-                   _mm512_castsi512_ps(w[g][3]), o);
-            for (int L = 0; L < 4; ++L) _mm512_store_ps(reinterpret_cast<float*>(B[b][L][g]), o[L]);
-          }
-        }
-        _tile_loadd(0, x.q + m0 * K + b * kQBlock, K);
-        _tile_zero(2);
-        _tile_zero(3);
-        _tile_zero(4);
-        _tile_zero(5);
-        _tile_loadd(1, B[b][0], 64);
-        _tile_dpbssd(2, 0, 1);
-        _tile_loadd(1, B[b][1], 64);
-        _tile_dpbssd(3, 0, 1);
-        _tile_loadd(1, B[b][2], 64);
-        _tile_dpbssd(4, 0, 1);
-        _tile_loadd(1, B[b][3], 64);
-        _tile_dpbssd(5, 0, 1);
-        if (b > 0)  // the vector units scale the last block while the tiles multiply this one
-          ScaleBlock(C[(b - 1) % 2], s + (b - 1) * N + n0, x.scale + m0 * nbk + b - 1, nbk, mt, acc);
-        _tile_stored(2, C[b % 2][0], 64);
-        _tile_stored(3, C[b % 2][1], 64);
-        _tile_stored(4, C[b % 2][2], 64);
-        _tile_stored(5, C[b % 2][3], 64);
+  alignas(64) int32_t C[2][4][16][16];  // the sums of the current step in one, the previous step's in the other
+  if (M <= 16) {
+    alignas(64) BTiles bt;
+    for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + na, y + m * N + nb, 0.0f);
+    int64_t step = 0, pb = 0, pn = 0;  // the previous step's block and columns
+    for (int64_t b = 0; b < nbk; ++b)
+      for (int64_t n0 = na; n0 < nb; n0 += 64, ++step) {
+        PrefetchAhead<BITS>(q, row, b, nbk, n0, na, nb);
+        UnpackTiles<BITS>(q, row, b, n0, bt);
+        MultiplyBlock(x.q + b * kQBlock, K, bt);
+        if (step > 0) ScaleBlock(C[(step - 1) % 2], s + pb * N + pn, x.scale + pb, nbk, M, y + pn, N);
+        StoreSums(C[step % 2]);
+        pb = b, pn = n0;
       }
-      ScaleBlock(C[(nbk - 1) % 2], s + (nbk - 1) * N + n0, x.scale + m0 * nbk + nbk - 1, nbk, mt, acc);
-      for (int64_t i = 0; i < mt; ++i) std::memcpy(y + (m0 + i) * N + n0, acc[i], sizeof acc[i]);
+    if (step > 0) ScaleBlock(C[(step - 1) % 2], s + pb * N + pn, x.scale + pb, nbk, M, y + pn, N);
+  } else {
+    std::unique_ptr<BTiles[]> B(new (std::align_val_t(64)) BTiles[nbk]);
+    alignas(64) float acc[16][64];
+    for (int64_t n0 = na; n0 < nb; n0 += 64) {
+      for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        const int64_t mt = std::min<int64_t>(16, M - m0);
+        std::memset(acc, 0, sizeof acc);
+        for (int64_t b = 0; b < nbk; ++b) {
+          if (m0 == 0) {
+            PrefetchAhead<BITS>(q, row, b, nbk, n0, na, nb);
+            UnpackTiles<BITS>(q, row, b, n0, B[b]);
+          }
+          MultiplyBlock(x.q + m0 * K + b * kQBlock, K, B[b]);
+          if (b > 0) ScaleBlock(C[(b - 1) % 2], s + (b - 1) * N + n0, x.scale + m0 * nbk + b - 1, nbk, mt, acc[0], 64);
+          StoreSums(C[b % 2]);
+        }
+        ScaleBlock(C[(nbk - 1) % 2], s + (nbk - 1) * N + n0, x.scale + m0 * nbk + nbk - 1, nbk, mt, acc[0], 64);
+        for (int64_t i = 0; i < mt; ++i) std::memcpy(y + (m0 + i) * N + n0, acc[i], sizeof acc[i]);
+      }
     }
   }
   _tile_release();
