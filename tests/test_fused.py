@@ -105,6 +105,38 @@ def test_wkv4_kernel_against_float64(fused, monkeypatch, path, A):
         assert np.abs(g - e).max() <= 1e-5 * np.abs(e).max()
 
 
+def _wkv7_float64(r, w, k, v, a, b, S):
+    """RWKV-7's recurrence in float64, token by token: S = S diag(w) + (S a) bᵀ + v kᵀ, y = S r (S value x key)."""
+    r, w, k, v, a, b, S = (np.asarray(x, np.float64) for x in (r, w, k, v, a, b, S))
+    S, ys = S.copy(), []
+    for t in range(r.shape[1]):
+        sa = np.einsum("bhij,bhj->bhi", S, a[:, t])
+        S = S * w[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :] + v[:, t, ..., None] * k[:, t, :, None, :]
+        ys.append(np.einsum("bhij,bhj->bhi", S, r[:, t]))
+    return np.stack(ys, 1), S
+
+
+@pytest.mark.parametrize("N", [6, 16])
+def test_wkv7_kernel_against_float64(fused, N):
+    """The WKV7 kernel on its own, B = 2, T = 5, H = 2: state rows go four at a time, so N = 6 also takes the
+    padded last rows; within float32 rounding of float64 (the kernel sums in double)."""
+    lib = fused("7") / "librwkv_ops.so"
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(lib))
+    sess = ort.InferenceSession(single_node_model("WKV7", None).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(N)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    kk = f(2, 5, 2, N)
+    kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
+    feeds = dict(r=f(2, 5, 2, N), w=np.exp(-np.exp(f(2, 5, 2, N) - 1)), k=f(2, 5, 2, N), v=f(2, 5, 2, N), a=-kk,
+                 b=kk * 0.5, S=f(2, 2, N, N))
+    y, S = sess.run(None, feeds)
+    ey, eS = _wkv7_float64(*feeds.values())
+    assert np.abs(y - ey).max() <= 1e-5 * np.abs(ey).max()
+    assert np.abs(S - eS).max() <= 1e-5 * np.abs(eS).max()
+
+
 @pytest.mark.parametrize("op,feeds,message", [
     ("WKV5", dict(r=(2, 3, 4, 8), k=(2, 3, 4, 8), v=(2, 3, 4, 8), w=(2, 3, 4, 8), u=(4, 8), S=(2, 4, 8, 7)),
      "input S has shape [2, 4, 8, 7], expected [2, 4, 8, 8]"),

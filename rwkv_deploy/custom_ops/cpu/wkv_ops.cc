@@ -315,6 +315,31 @@ Ort::Status WKV5(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
 // One head of one sequence over T tokens (token t's vectors at x + t * stride). Built for several instruction sets
 // and picked when the library loads (GCC's target_clones, an ifunc: glibc on Linux x86-64, elsewhere the plain
 // build): the double sums vectorize 2, 4 or 8 wide, and no -march flag can stop the library loading on an older CPU.
+// Four rows of the state from s (N apart), their values vt and outputs yt: sums in double, one rounding per state
+// entry (see WKV5). Four at once, so that their sums' reductions overlap: 12 layers at batch 16 took 3.4 ms instead
+// of 3.8 a step, 256 tokens 32.5 instead of 38.0 (the same bits). Written out: with arrays of sums and
+// `reduction(+ : sa[:4])`, GCC's code was twice as slow.
+__attribute__((always_inline)) inline void WKV7Rows4(int64_t N, float* s, const float* vt, float* yt, const double* rd,
+                                                     const double* wd, const double* kd, const double* ad,
+                                                     const double* bd) {
+  float *s0 = s, *s1 = s + N, *s2 = s + 2 * N, *s3 = s + 3 * N;
+  double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;  // (S a)_i
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t j = 0; j < N; ++j) a0 += s0[j] * ad[j], a1 += s1[j] * ad[j], a2 += s2[j] * ad[j], a3 += s3[j] * ad[j];
+  const double v0 = vt[0], v1 = vt[1], v2 = vt[2], v3 = vt[3];
+  double y0 = 0.0, y1 = 0.0, y2 = 0.0, y3 = 0.0;
+#pragma omp simd reduction(+ : y0, y1, y2, y3)
+  for (int64_t j = 0; j < N; ++j) {
+    const double t0 = s0[j] * wd[j] + a0 * bd[j] + v0 * kd[j], t1 = s1[j] * wd[j] + a1 * bd[j] + v1 * kd[j];
+    const double t2 = s2[j] * wd[j] + a2 * bd[j] + v2 * kd[j], t3 = s3[j] * wd[j] + a3 * bd[j] + v3 * kd[j];
+    s0[j] = static_cast<float>(t0), s1[j] = static_cast<float>(t1);
+    s2[j] = static_cast<float>(t2), s3[j] = static_cast<float>(t3);
+    y0 += t0 * rd[j], y1 += t1 * rd[j], y2 += t2 * rd[j], y3 += t3 * rd[j];
+  }
+  yt[0] = static_cast<float>(y0), yt[1] = static_cast<float>(y1);
+  yt[2] = static_cast<float>(y2), yt[3] = static_cast<float>(y3);
+}
+
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__) && defined(__GLIBC__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
@@ -328,20 +353,16 @@ static void WKV7Head(int64_t T, int64_t N, int64_t stride, const float* R, const
     }
     const float* vt = V + o;
     float* yt = Y + o;
-    for (int64_t i = 0; i < N; ++i) {  // sums in double, one rounding per state entry (see WKV5)
-      float* si = s + i * N;
-      double sa = 0.0;
-#pragma omp simd reduction(+ : sa)
-      for (int64_t j = 0; j < N; ++j) sa += si[j] * ad[j];
-      const double vi = vt[i];
-      double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < N; ++j) {
-        const double sij = si[j] * wd[j] + sa * bd[j] + vi * kd[j];
-        si[j] = static_cast<float>(sij);
-        acc += sij * rd[j];
-      }
-      yt[i] = static_cast<float>(acc);
+    const int64_t whole = N / 4 * 4;
+    for (int64_t i = 0; i < whole; i += 4) WKV7Rows4(N, s + i * N, vt + i, yt + i, rd, wd, kd, ad, bd);
+    if (whole < N) {  // the last N % 4 rows, padded to four with zero rows (a head size not a multiple of 4)
+      const int64_t rest = N - whole;
+      std::vector<float> pad(4 * N, 0.0f), vp(4, 0.0f), yp(4);
+      std::copy(s + whole * N, s + N * N, pad.begin());
+      std::copy(vt + whole, vt + N, vp.begin());
+      WKV7Rows4(N, pad.data(), vp.data(), yp.data(), rd, wd, kd, ad, bd);
+      std::copy(pad.begin(), pad.begin() + rest * N, s + whole * N);
+      std::copy(yp.begin(), yp.begin() + rest, yt + whole);
     }
   }
 }
