@@ -144,7 +144,9 @@ RATIOS = [("int8 decode / rwkv.cpp Q8_0", "int8", "rwkv.cpp Q8_0", 2),
           ("fp16-cpu decode / rwkv.cpp FP16", "fp16-cpu", "rwkv.cpp FP16", 2),
           ("fp32 decode / floor", "fp32", "rwkv-deploy fp32", 4),
           ("portable prefill / best peer", "fp32", None, 3),
-          ("fused prefill / best peer", "fp32-fused", None, 3)]
+          ("fp32 fused prefill / best peer", "fp32-fused", None, 3),
+          ("int8 fused prefill / best peer", "int8-fused", None, 3),
+          ("int4 fused prefill / best peer", "int4-fused", None, 3)]
 
 
 def ratios(rounds: list[list[tuple]], versions: list[str]) -> list[tuple[str, str, list[float]]]:
