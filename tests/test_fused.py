@@ -64,6 +64,14 @@ def single_node_model(op, inputs):
                                                        onnx.helper.make_opsetid("rwkv", 1)])
 
 
+def _one_kernel(fused, version, op):
+    """An ONNX Runtime session of one rwkv node, with the library of a fused export of `version`."""
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(fused(version) / "librwkv_ops.so"))
+    return ort.InferenceSession(single_node_model(op, None).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
 def _wkv4_float64(w, u, k, v, aa, bb, pp):
     """RWKV-4's recurrence in float64 (spec's stable form), token by token: y [B, T, A] and the state."""
     w, u, k, v, a, b, p = (np.asarray(x, np.float64) for x in (w, u, k, v, aa, bb, pp))
@@ -88,11 +96,7 @@ def test_wkv4_kernel_against_float64(fused, monkeypatch, path, A):
     kernel's own exp (70 and 100 channels leave a scalar tail in a task's block of 64), within float32 rounding
     of float64."""
     monkeypatch.setenv("RWKV_DEPLOY_MATMULQ", path)
-    lib = fused("4") / "librwkv_ops.so"
-    opts = ort.SessionOptions()
-    opts.register_custom_ops_library(str(lib))
-    sess = ort.InferenceSession(single_node_model("WKV4", None).SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    sess = _one_kernel(fused, "4", "WKV4")
     rng = np.random.default_rng(A)
     f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     feeds = dict(w=-np.exp(f(A)), u=f(A), k=3 * f(2, 40, A), v=f(2, 40, A), aa=np.zeros((2, A), np.float32),
@@ -120,11 +124,7 @@ def _wkv7_float64(r, w, k, v, a, b, S):
 def test_wkv7_kernel_against_float64(fused, N):
     """The WKV7 kernel on its own, B = 2, T = 5, H = 2: state rows go four at a time, so N = 6 also takes the
     padded last rows; within float32 rounding of float64 (the kernel sums in double)."""
-    lib = fused("7") / "librwkv_ops.so"
-    opts = ort.SessionOptions()
-    opts.register_custom_ops_library(str(lib))
-    sess = ort.InferenceSession(single_node_model("WKV7", None).SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    sess = _one_kernel(fused, "7", "WKV7")
     rng = np.random.default_rng(N)
     f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     kk = f(2, 5, 2, N)
