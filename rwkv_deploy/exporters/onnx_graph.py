@@ -299,7 +299,7 @@ class WeightWriter:
             node.input[:] = [rename.get(x, x) for x in node.input]
         paired: set[str] = set()  # int4 weights an rwkv::MatMulQ4 of this graph reads
         if self.quant is not None:
-            keep = self._dequantize(keep, weights, source, rename, self.kernels, paired)
+            keep = self._dequantize(keep, weights, source, rename, paired)
             for o in proto.opset_import:  # blocked DequantizeLinear and INT4 came with opset 21
                 if o.domain in ("", "ai.onnx"):
                     o.version = max(o.version, 21)
@@ -320,10 +320,10 @@ class WeightWriter:
         names = {x for n in names for x in ((f"{n}~q", f"{n}~s") if n in self.quantized else (n,))}
         self.graphs.append((proto, names, path, paired))
 
-    def _dequantize(self, nodes, weights, source, rename, fuse: bool, paired: set) -> list:
+    def _dequantize(self, nodes, weights, source, rename, paired: set) -> list:
         """nodes with each quantizable weight's MatMul (a projection read transposed, a LoRA factor read as it is)
         fed by DequantizeLinear(q, scale) (opset 21, blocks along the MatMul's K axis) instead of its float weight,
-        or with fuse, an rwkv::MatMulQ8/MatMulQ4 node on q and scale in its place (`paired` collects the int4 q
+        or with self.kernels, an rwkv::MatMulQ8/MatMulQ4 node on q and scale in its place (`paired` collects the int4 q
         it reads as uint8 pairs). Only weights that every consumer takes as a MatMul's B input; anything else keeps
         its float copy."""
         import onnx
@@ -351,7 +351,7 @@ class WeightWriter:
         out, dequantized = [], set()
         for n in nodes:
             name = n.input[1] if n.op_type == "MatMul" else None
-            if fuse and name in picked and _fusable(picked[name], dims[products[name][0]], products[name][1]):
+            if self.kernels and name in picked and _fusable(picked[name], dims[products[name][0]], products[name][1]):
                 q = picked[name]
                 if q.bits == 4:
                     paired.add(f"{name}~q")
