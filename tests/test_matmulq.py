@@ -10,6 +10,7 @@ from conftest import normalised
 from onnx import helper, numpy_helper
 
 from rwkv_deploy import open_session
+from rwkv_deploy.exporters.onnx_graph import tiled
 from rwkv_deploy.models.quant import QUANTS, int8_blocks
 from rwkv_deploy.validation.compare import verify
 
@@ -23,19 +24,14 @@ def library():
     return str(build_library())
 
 
-def _pairs(q: np.ndarray) -> np.ndarray:
-    """int4 values [K, N] -> uint8 [K, N / 2], the even column in the low nibble (ONNX INT4's bytes)."""
-    u = (q.astype(np.int16) & 0xF).astype(np.uint8)
-    return u[:, 0::2] | (u[:, 1::2] << 4)
-
-
-def _product(library, bits, q, scale, x_shape):
-    K, N = q.shape
-    stored = q if bits == 8 else _pairs(q)
-    node = helper.make_node(f"MatMulQ{bits}", ["x", "q", "s"], ["y"], domain="rwkv")
+def _product(library, bits, q, scale, x_shape, n=None):
+    """A session of one rwkv::MatMulQ{bits} node on q [K, N] (int values) and scale [K / 32, N], stored in the
+    kernels' tiles as an export stores them."""
+    stored, scales = tiled(q, scale, bits)
+    node = helper.make_node(f"MatMulQ{bits}", ["x", "q", "s"], ["y"], domain="rwkv", n=q.shape[1] if n is None else n)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(stored, "q"), numpy_helper.from_array(scale, "s")])
+                              [numpy_helper.from_array(stored, "q"), numpy_helper.from_array(scales, "s")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("rwkv", 1)])
     opts = ort.SessionOptions()
     opts.register_custom_ops_library(library)
@@ -44,16 +40,17 @@ def _product(library, bits, q, scale, x_shape):
 
 @pytest.mark.parametrize("path", ["plain", "avx2", "vnni", "amx"])
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("K, N, x_shape", [(64, 200, (1, 1, 64)), (96, 40, (3, 96)), (768, 130, (2, 9, 768)),
+@pytest.mark.parametrize("K, N, x_shape", [(64, 200, (1, 1, 64)), (96, 37, (3, 96)), (768, 130, (2, 9, 768)),
                                            (256, 256, (17, 256)), (128, 192, (3, 128)), (128, 320, (5, 128)),
-                                           (96, 130, (70, 96)), (256, 64, (2, 20, 256))])
+                                           (96, 130, (70, 96)), (256, 64, (2, 20, 256)), (768, 1000, (1, 768))])
 def test_products_are_exact_integer_sums(library, monkeypatch, path, bits, K, N, x_shape):
     """y = int8_blocks(x) (dequantized W), in float64: the kernel rounds x exactly as models/quant.py's
     reference does, multiplies in integers and scales once per block (float32 sums: ~1e-7 of the largest output).
     RWKV_DEPLOY_MATMULQ caps the path ("amx": no cap); a CPU without one runs the best it has, so on this
-    workplace's CPU (AMX) each runs as named. N = 40 is all tail (the plain loop), 130 and 200 have tail columns; AMX
-    takes 4 rows and more; 40 and 70 rows (prefill-like) are more than one panel of 32 rows on the vector paths, more
-    than one tile of 16 on AMX's, and rounded on several threads."""
+    workplace's CPU (AMX) each runs as named. N = 37 is one tile of 64 columns, mostly padding (and odd: int4 stores
+    two a byte); 130, 200 and 1000 end in part of a tile; 1000 columns at one row are two tasks' runs of tiles (a
+    decode step's); AMX takes 4 rows and more; 40 and 70 rows (prefill-like) are more than one tile of 16 rows on
+    AMX's path and are rounded on several threads."""
     monkeypatch.setenv("RWKV_DEPLOY_MATMULQ", path)
     rng = np.random.default_rng(K + N + bits)
     quant = QUANTS[f"int{bits}"]
@@ -85,10 +82,12 @@ def test_inputs_round_half_to_even_on_every_path(library, monkeypatch, path):
 
 def test_shapes_that_do_not_multiply_are_an_error_not_a_crash(library):
     q, scale = np.zeros((64, 32), np.int8), np.ones((2, 32), np.float32)
-    with pytest.raises(Exception, match=r"x \[1, 96\] and q \[64, 32\] do not multiply"):
+    with pytest.raises(Exception, match=r"x \[1, 96\] and q \[1, 2, 2048\] do not multiply"):
         _product(library, 8, q, scale, (1, 96)).run(None, {"x": np.zeros((1, 96), np.float32)})
-    with pytest.raises(Exception, match=r"input scale has shape \[3, 32\], expected \[2, 32\]"):
-        _product(library, 8, q, np.ones((3, 32), np.float32), (1, 64)).run(None, {"x": np.zeros((1, 64), np.float32)})
+    with pytest.raises(Exception, match=r"q \[1, 2, 2048\] do not multiply .*n = 65"):  # n needs two tiles
+        _product(library, 8, q, scale, (1, 64), n=65).run(None, {"x": np.zeros((1, 64), np.float32)})
+    with pytest.raises(Exception, match=r"no attribute n"):  # written before the tiles: its own library reads it
+        _product(library, 8, q, scale, (1, 64), n=0).run(None, {"x": np.zeros((1, 64), np.float32)})
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -110,7 +109,12 @@ def test_fused_quantized_exports_multiply_with_the_kernels(exported, version, pr
     b = {t.name: where(t) for t in prefill.initializer if t.name.endswith("~q")}
     name = next(n for n in a if ".ffn.key." in n)
     assert a[name][2] == b[name][2] and a[name][2]  # the same bytes in the weights file
-    assert a[name][:2] == b[name][:2] == (onnx.TensorProto.UINT8 if bits == 4 else onnx.TensorProto.INT8, a[name][1])
+    # in the kernels' tiles: [ceil(N / 64), K / 32, 32 x 64 weights], N = dim_ffn columns of K = n_embd rows
+    tiles = (-(-m["dim_ffn"] // 64), m["n_embd"] // 32, 2048 if bits == 8 else 1024)
+    assert a[name][:2] == b[name][:2] == (onnx.TensorProto.UINT8 if bits == 4 else onnx.TensorProto.INT8, tiles)
+    node = next(n for n in step.node if n.input[1:2] == [name])
+    assert [(x.name, x.i) for x in node.attribute] == [("n", m["dim_ffn"])]
+    assert "tiles of 64 columns" in m["quantization"]["method"]
     report = verify(out, steps=16, batch=2, write=False)
     assert report and report.weights["checked"] and not report.weights["differ"], report.table()
     # the kernels round each product's input exactly as the reference does: the logits are the reference's to

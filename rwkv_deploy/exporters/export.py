@@ -129,6 +129,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
             onnx.checker.check_model(str(tmp / file))  # by path: works past 2 GiB
         writer_quantized, written = writer.quantized, writer.bytes_written  # int8/int4: fewer than traced
         lora_quantized = bool(writer.direct)  # RWKV-7's LoRA factors, the weights a product reads as they are
+        tiled = bool(writer.tiled)
         del writer
         log.info("[2/4] %.2f GB of weights written%s (golden tokens replayed alongside) in %.1fs", written / 1e9,
                  f" to {WEIGHTS_FILE}" if external else "", time.time() - t1)
@@ -154,7 +155,7 @@ def export(checkpoint, out, *, precision: str = "fp32", opset: int = 18, tokeniz
             "vocab_size": d.vocab_size, "precision": precision,
             "weights_dtype": precision if quant else NP_DTYPE[dtype], "compute_dtype": NP_DTYPE[dtype],
             "quantization": quant and {
-                "method": quant.describe(lora=lora_quantized),
+                "method": quant.describe(lora=lora_quantized, kernels=tiled),
                 "block_size": quant.block, "head_bits": quant.of("head").bits,
                 **({"lora_bits": quant.lora_bits} if lora_quantized else {}), "tensors": sorted(writer_quantized),
                 # what ONNX Runtime's fused MatMulNBits does by default and the certificate's reference too
@@ -182,17 +183,19 @@ def _skeleton(ckpt, dtype, wkv: str) -> RWKV:
                                                for k, t in ckpt.weights.items()}), dtype, wkv=wkv).eval())
 
 
-def weight_digests(ckpt, precision: str, wkv: str = "portable", opset: int = 18, quant=None) -> dict[str, str]:
+def weight_digests(ckpt, precision: str, wkv: str = "portable", opset: int = 18, quant=None,
+                   matmul: str = "portable") -> dict[str, str]:
     """{initializer: sha256 of its bytes} of the step graph that exporting `ckpt` would write, computed the way
     export writes them (same preparation, folds and dtype) without writing anything. verify holds an export's
     weights to these: a damaged or substituted weight shows at any model size, where at 2.9B and fp16 its effect
-    on the logits can sit within a few times the precision's own noise."""
+    on the logits can sit within a few times the precision's own noise. matmul: "cpu" where the export's products
+    are rwkv::MatMulQ8/MatMulQ4 (their weights are stored in tiles)."""
     import tempfile
 
     dtype, default = PRECISIONS[precision]
     quant = quant if quant is not None else default  # an export's own (models.quant.manifest_quant)
     model = _skeleton(ckpt, dtype, wkv)
-    writer = WeightWriter(None, True, quant, quant and _quantizable(quant))  # digests: the same bytes either way
+    writer = WeightWriter(None, True, quant, quant and _quantizable(quant), kernels=matmul == "cpu")  # digests
     with tempfile.TemporaryDirectory(prefix="rwkv-deploy-trace-") as tmp:
         path = Path(tmp) / "model.onnx"
         # initializers are named after the weights whatever the opset; torch's exporter traces at most opset 20

@@ -235,8 +235,8 @@ class WeightWriter:
         """path: the external-data file to write; None computes digests instead of writing anything (`digests`:
         initializer name -> sha256 of the bytes it would have), which is how verify checks an export's weights.
         kernels (`export --matmul cpu`): products of float16 weights become rwkv::MatMulF16 nodes and quantized ones
-        rwkv::MatMulQ8/MatMulQ4 on the same q and scale (the custom-op library's CPU kernels), instead of MatMul
-        and DequantizeLinear + MatMul."""
+        rwkv::MatMulQ8/MatMulQ4 on q and scale stored in the kernels' tiles of 64 columns (`tiled`; the custom-op
+        library's CPU kernels), instead of MatMul and DequantizeLinear + MatMul."""
         self.path, self.external = path, external
         self.digests: dict[str, str] | None = {} if path is None else None
         # (ModelProto without weights, initializer names it uses, file to write, those it reads as int4 pairs)
@@ -248,6 +248,7 @@ class WeightWriter:
         # factors); they are stored as q and scale behind a DequantizeLinear
         self.quant, self.quantizable = quant, quantizable
         self.quantized: dict[str, object] = {}  # initializer name -> the Quant it is stored with
+        self.tiled: set[str] = set()  # of those, the weights only rwkv::MatMulQ8/MatMulQ4 read (stored in tiles)
         self.direct: set[str] = set()  # of those, the weights a MatMul reads as they are ([in, out])
         self.kernels = kernels
         self.halved: set[str] = set()  # tables that only Gather reads (the embedding): stored float16 beside them
@@ -297,9 +298,8 @@ class WeightWriter:
         del g.node[:]
         for node in keep:
             node.input[:] = [rename.get(x, x) for x in node.input]
-        paired: set[str] = set()  # int4 weights an rwkv::MatMulQ4 of this graph reads
         if self.quant is not None:
-            keep = self._dequantize(keep, weights, source, rename, paired)
+            keep = self._dequantize(keep, weights, source, rename)
             for o in proto.opset_import:  # blocked DequantizeLinear and INT4 came with opset 21
                 if o.domain in ("", "ai.onnx"):
                     o.version = max(o.version, 21)
@@ -318,14 +318,14 @@ class WeightWriter:
         g.input.extend(inputs)
         names = {rename.get(v, v) for v in used if v in source}
         names = {x for n in names for x in ((f"{n}~q", f"{n}~s") if n in self.quantized else (n,))}
-        self.graphs.append((proto, names, path, paired))
+        self.graphs.append((proto, names, path))
 
-    def _dequantize(self, nodes, weights, source, rename, paired: set) -> list:
+    def _dequantize(self, nodes, weights, source, rename) -> list:
         """nodes with each quantizable weight's MatMul (a projection read transposed, a LoRA factor read as it is)
         fed by DequantizeLinear(q, scale) (opset 21, blocks along the MatMul's K axis) instead of its float weight,
-        or with self.kernels, an rwkv::MatMulQ8/MatMulQ4 node on q and scale in its place (`paired` collects the int4 q
-        it reads as uint8 pairs). Only weights that every consumer takes as a MatMul's B input; anything else keeps
-        its float copy."""
+        or with self.kernels, an rwkv::MatMulQ8/MatMulQ4 node on q and scale in its place (stored in tiles: every
+        graph of an export makes the same choice for a weight, so no other node reads them). Only weights that every
+        consumer takes as a MatMul's B input; anything else keeps its float copy."""
         import onnx
         from onnx import helper
 
@@ -351,12 +351,12 @@ class WeightWriter:
         out, dequantized = [], set()
         for n in nodes:
             name = n.input[1] if n.op_type == "MatMul" else None
-            if self.kernels and name in picked and _fusable(picked[name], dims[products[name][0]], products[name][1]):
-                q = picked[name]
-                if q.bits == 4:
-                    paired.add(f"{name}~q")
-                out.append(helper.make_node(f"MatMulQ{q.bits}", [n.input[0], f"{name}~q", f"{name}~s"], list(n.output),
-                                            name=n.name, domain=DOMAIN))
+            if self.kernels and name in picked and picked[name].block == TILE_BLOCK:
+                weight, transposed = products[name]
+                self.tiled.add(name)
+                out.append(helper.make_node(f"MatMulQ{picked[name].bits}", [n.input[0], f"{name}~q", f"{name}~s"],
+                                            list(n.output), name=n.name, domain=DOMAIN,
+                                            n=dims[weight][0 if transposed else 1]))  # y's columns
                 continue
             if name in picked:
                 if name not in dequantized:  # once per weight, however many products read it
@@ -384,17 +384,20 @@ class WeightWriter:
         with ExitStack() as stack:
             data = stack.enter_context(open(self.path, "wb")) if self.external and self.path else None
             files = []
-            for proto, names, path, paired in self.graphs if self.digests is None else []:
+            for proto, names, path in self.graphs if self.digests is None else []:
                 f = stack.enter_context(open(path, "wb"))
                 f.write(proto.SerializeToString())
-                files.append((f, names, paired))
+                files.append((f, names))
             for weight, t in named_tensors:
                 for name, fold in self.uses.get(weight, []):
                     if name in self.quantized:  # W [out, in] -> q [in, out] and scale [in/block, out]
                         quant, w = self.quantized[name], t.detach().cpu()
                         q, scale = quant.quantize(w.T if name in self.direct else w)  # a LoRA factor is [in, out]
-                        self._emit(f"{name}~q", q.T.contiguous().numpy(), data, files, written, quant.bits)
-                        self._emit(f"{name}~s", scale.T.contiguous().numpy(), data, files, written)
+                        q, scale = q.T.contiguous().numpy(), scale.T.contiguous().numpy()  # [in, out], [in / 32, out]
+                        if name in self.tiled:
+                            q, scale = tiled(q, scale, quant.bits)
+                        self._emit(f"{name}~q", q, data, files, written, None if name in self.tiled else quant.bits)
+                        self._emit(f"{name}~s", scale, data, files, written)
                         continue
                     arr = t.detach().cpu().numpy()
                     if name in self.halved:
@@ -412,14 +415,13 @@ class WeightWriter:
                     progress(done, total)
                 elif self.digests is None and done % max(1, total // 10) == 0:  # logs: every tenth of the way
                     log.info("wrote %d/%d weights (%.2f GB)", done, total, self.bytes_written / 1e9)
-        missing = [n for _, names, _, _ in self.graphs for n in names if n not in written]
+        missing = [n for _, names, _ in self.graphs for n in names if n not in written]
         if missing:  # a weight the graph uses that the model did not stream: a bug, not bad input
             raise RuntimeError(f"weights not written: {missing[:5]}")
 
     def _emit(self, name: str, arr: np.ndarray, data, files, written: set, bits: int | None = None) -> None:
         """One initializer: into the external-data file (page-aligned) or inside each graph file that uses it.
-        bits=4: `arr` holds int8 values in [-7, 7], stored as ONNX INT4 (in a graph whose rwkv::MatMulQ4 reads it:
-        the same bytes as UINT8 with half the columns); bits=8: as INT8."""
+        bits=4: `arr` holds int8 values in [-7, 7], stored as ONNX INT4; bits=8: as INT8."""
         import onnx
         from onnx import helper
 
@@ -440,13 +442,8 @@ class WeightWriter:
                 tp.external_data.add(key=k, value=str(v))
             data.write(raw)
             raw = None
-        for f, names, paired in files:
-            if name in paired:  # the same bytes (in the file or inline), seen as uint8 pairs
-                pairs = onnx.TensorProto()
-                pairs.CopyFrom(tp)
-                pairs.data_type, pairs.dims[-1] = onnx.TensorProto.UINT8, arr.shape[-1] // 2
-                _append_initializer(f, pairs, raw)
-            elif name in names:
+        for f, names in files:
+            if name in names:
                 _append_initializer(f, tp, raw)
         self.bytes_written += stored.nbytes
         written.add(name)
@@ -469,10 +466,27 @@ def _half_products(nodes, weights, source, rename) -> list:
             if n.op_type == "MatMul" and n.input[1] in half else n for n in nodes]
 
 
-def _fusable(quant, dims: list[int], transposed: bool) -> bool:
-    """Whether rwkv::MatMulQ8/MatMulQ4 can take the product of a weight of these dims: the kernels' block of 32,
-    and for int4 an even number of outputs (two a byte)."""
-    return quant.block == 32 and (quant.bits == 8 or (dims[0] if transposed else dims[1]) % 2 == 0)
+TILE_BLOCK, TILE_COLUMNS = 32, 64  # rwkv::MatMulQ8/MatMulQ4's block of K and tile of columns
+
+
+def tiled(q: np.ndarray, scale: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """q [K, N] (int values) and scale [K / 32, N], DequantizeLinear's layout, -> rwkv::MatMulQ8/MatMulQ4's tiles of
+    64 columns (custom_ops/cpu/wkv_ops.cc): q int8 [T, K / 32, 2048] or, two a byte, uint8 [T, K / 32, 1024], and
+    scale [T, K / 32, 64], T = ceil(N / 64), the last tile padded with zeros. Within a block (k = 32b + 4g + i, a
+    tile's column c) int8 byte 4 (64g + c) + i; int4 byte 4 (32g + c % 32) + i, column c < 32 in the low nibble."""
+    K, N = q.shape
+    T, nbk = -(-N // TILE_COLUMNS), K // TILE_BLOCK
+    qp = np.zeros((K, T * TILE_COLUMNS), np.int8)
+    qp[:, :N] = q
+    sp = np.zeros((nbk, T * TILE_COLUMNS), np.float32)
+    sp[:, :N] = scale
+    blocks = qp.reshape(nbk, TILE_BLOCK // 4, 4, T, TILE_COLUMNS).transpose(3, 0, 1, 4, 2)  # [T, nbk, g, c, i]
+    scales = np.ascontiguousarray(sp.reshape(nbk, T, TILE_COLUMNS).transpose(1, 0, 2))  # [T, nbk, c]
+    if bits == 8:
+        return np.ascontiguousarray(blocks).reshape(T, nbk, -1), scales
+    nibbles = blocks.astype(np.uint8) & 0x0F
+    half = TILE_COLUMNS // 2
+    return np.ascontiguousarray(nibbles[:, :, :, :half] | (nibbles[:, :, :, half:] << 4)).reshape(T, nbk, -1), scales
 
 
 def _packed_int4(q: np.ndarray) -> np.ndarray:

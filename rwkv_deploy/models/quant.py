@@ -56,11 +56,13 @@ class Quant:
         bits = self.head_bits if key == "head" else self.lora_bits if key in LORA else None
         return Quant(bits, self.block) if bits else self
 
-    def describe(self, lora: bool = True) -> str:
-        """The manifest's quantization.method; lora: whether the export has LoRA factors it quantized."""
+    def describe(self, lora: bool = True, kernels: bool = False) -> str:
+        """The manifest's quantization.method; lora: whether the export has LoRA factors it quantized; kernels:
+        whether its products are rwkv::MatMulQ8/MatMulQ4 (weights in their tiles) rather than DequantizeLinear."""
         head = f", the head int{self.head_bits}" if self.head_bits and self.head_bits != self.bits else ""
         factors = f", LoRA factors int{self.lora_bits}" if self.lora_bits and lora else ""
-        return f"blockwise symmetric int{self.bits}{head}{factors} (DequantizeLinear, opset 21)"
+        form = "rwkv::MatMulQ8/MatMulQ4, tiles of 64 columns" if kernels else "DequantizeLinear, opset 21"
+        return f"blockwise symmetric int{self.bits}{head}{factors} ({form})"
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """w [out, in] -> (q int8 [out, in], scale float32 [out, in / block])."""

@@ -329,7 +329,10 @@ def check_weights(m, ckpt) -> dict:
     from ..exporters.export import weight_digests
     from ..models.quant import manifest_quant
 
-    expected = weight_digests(ckpt, m["precision"], m.get("wkv", "portable"), m.get("opset", 18), manifest_quant(m))
+    ops = ((m.get("requires") or {}).get("custom_ops") or {}).get("ops") or []
+    matmul = "cpu" if any(op.startswith("MatMulQ") for op in ops) else "portable"  # its quantized weights in tiles
+    expected = weight_digests(ckpt, m["precision"], m.get("wkv", "portable"), m.get("opset", 18), manifest_quant(m),
+                              matmul)
     actual = export_weight_digests(m)
     missing = {n for n in expected if n not in actual}
     unexpected = {n for n in actual if n not in expected}

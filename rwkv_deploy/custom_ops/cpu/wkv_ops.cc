@@ -384,15 +384,25 @@ Ort::Status WKV7(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
   return Ort::Status{nullptr};
 }
 
-// ---- rwkv::MatMulQ8 / rwkv::MatMulQ4: y [..., N] = x [..., K] W for int8/int4 exports (models/quant.py) ----
-//   rwkv::MatMulQ8(x float[..., K], q int8[K, N],      scale float[K/32, N]) -> y float[..., N]
-//   rwkv::MatMulQ4(x float[..., K], q uint8[K, N / 2], scale float[K/32, N]) -> y float[..., N]
-// W[k, n] = q[k, n] * scale[k / 32, n]: DequantizeLinear's blocked layout (int4: two a byte, even n in the low
-// nibble, ONNX INT4's bytes). Each row of x is first rounded to int8 per block of 32 (scale max|block| / 127, round
-// half to even), as ONNX Runtime's MatMulNBits does at accuracy level 4 and models/quant.py's Int8Input models;
-// each block's products are then an exact integer sum, scaled once.
+// ---- rwkv::MatMulQ8 / rwkv::MatMulQ4: y [..., n] = x [..., K] W for fused int8/int4 exports (models/quant.py) ----
+//   rwkv::MatMulQ8(x float[..., K], q int8[T, K/32, 2048],  scale float[T, K/32, 64]; int n) -> y float[..., n]
+//   rwkv::MatMulQ4(x float[..., K], q uint8[T, K/32, 1024], scale float[T, K/32, 64]; int n) -> y float[..., n]
+// W[k, c] = q[k, c] * scale[k / 32, c] (DequantizeLinear's blocks of 32 along K), stored in tiles of 64 columns:
+// T = ceil(n / 64), the last tile padded with zero weights and scales (exporters/onnx_graph.py's `tiled` writes
+// them). Tile t holds every block of columns 64t .. 64t + 63 in turn, so a task that takes a run of tiles reads one
+// stretch of memory: in DequantizeLinear's row order each of two threads read 192 bytes of every 768-column int4
+// row, and a v7 int4 step's products streamed at ~20 GB/s where its head (long runs) read at 43.
+// Within block b, with k = 32b + 4g + i (g: a group of 4 rows) and column c of the tile:
+//   int8: byte 4 (64g + c) + i. Every 64 bytes are 16 columns x 4 k: a row of an AMX B tile, a vpdpbusd operand.
+//   int4: byte 4 (32g + c % 32) + i, the low nibble for c < 32 and the high one for c >= 32 (two's complement).
+// Each row of x is first rounded to int8 per block of 32 (scale max|block| / 127, round half to even), as ONNX
+// Runtime's MatMulNBits does at accuracy level 4 and models/quant.py's Int8Input models; each block's products are
+// then an exact integer sum, scaled once: y[c] = sum over blocks, in order, of sum_b[c] * (x's scale * W's scale).
 constexpr int64_t kQBlock = 32;
+constexpr int64_t kTile = 64;    // columns a tile
 constexpr int64_t kAmxRows = 4;  // from this many rows of x, AMX tiles (where the CPU has them) instead of VNNI
+template <int BITS>
+constexpr int64_t kBlockBytes = BITS == 8 ? 2048 : 1024;  // a block of a tile: 32 x 64 weights
 
 struct QRows {  // x rounded per block: values, scales, and each block's sum of values
   std::vector<int8_t> q;
@@ -474,38 +484,47 @@ void QuantizeRows(OrtKernelContext* ctx, const float* x, int64_t rows, int64_t K
   }
 }
 
-// Columns [na, nb) (na even) of every row, any CPU: the tail columns of the vector paths, and everything where
-// there are none. Row by row through q, a block's integer sums for the whole stretch at a time: the loops over
-// columns vectorize (GCC builds them for AVX2 and the baseline and picks at load, as the WKV kernels).
+struct QWeights {  // one weight's tiles
+  const uint8_t* q;
+  const float* s;
+  int64_t K, n, nbk;
+  template <int BITS>
+  const uint8_t* Block(int64_t t, int64_t b) const { return q + (t * nbk + b) * kBlockBytes<BITS>; }
+  const float* Scales(int64_t t, int64_t b) const { return s + (t * nbk + b) * kTile; }
+  int64_t Width(int64_t t) const { return std::min(kTile, n - t * kTile); }  // the tile's columns that exist
+};
+
+// Tiles [ta, tb) of every row, any CPU: where there is no vector path. The loops over a tile's columns vectorize
+// (GCC builds them for AVX2 and the baseline and picks at load, as the WKV kernels).
 template <int BITS>
-__attribute__((always_inline)) inline void QColumnsBody(const uint8_t* q, const float* s, int64_t K, int64_t N,
-                                                        int64_t na, int64_t nb, int64_t M, QView x, float* y) {
-  const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock, width = nb - na;
-  std::vector<int32_t> dot(width);
-  for (int64_t m = 0; m < M; ++m) {
-    float* ym = y + m * N;
-    std::fill(ym + na, ym + nb, 0.0f);
-    for (int64_t b = 0; b < nbk; ++b) {
-      std::fill(dot.begin(), dot.end(), 0);
-      for (int64_t k = b * kQBlock; k < (b + 1) * kQBlock; ++k) {
-        const int32_t xk = x.q[m * K + k];
-        int32_t* d = dot.data();
-        if (BITS == 8) {
-          const int8_t* qk = reinterpret_cast<const int8_t*>(q) + k * row + na;
-          for (int64_t n = 0; n < width; ++n) d[n] += xk * qk[n];
-        } else {  // two a byte, the even column in the low nibble, two's complement
-          const uint8_t* qk = q + k * row + na / 2;
-          for (int64_t j = 0; j < width / 2; ++j) {
-            d[2 * j] += xk * (((qk[j] & 15) ^ 8) - 8);
-            d[2 * j + 1] += xk * (((qk[j] >> 4) ^ 8) - 8);
+__attribute__((always_inline)) inline void TilesPlainBody(const QWeights& w, int64_t ta, int64_t tb, int64_t M,
+                                                          QView x, float* y) {
+  for (int64_t t = ta; t < tb; ++t)
+    for (int64_t m = 0; m < M; ++m) {
+      float f[kTile] = {};
+      for (int64_t b = 0; b < w.nbk; ++b) {
+        const uint8_t* blk = w.Block<BITS>(t, b);
+        int32_t d[kTile] = {};
+        for (int g = 0; g < kQBlock / 4; ++g)
+          for (int i = 0; i < 4; ++i) {
+            const int32_t xk = x.q[m * w.K + b * kQBlock + 4 * g + i];
+            if (BITS == 8) {
+              const int8_t* v = reinterpret_cast<const int8_t*>(blk) + 256 * g + i;
+              for (int c = 0; c < kTile; ++c) d[c] += xk * v[4 * c];
+            } else {
+              const uint8_t* v = blk + 128 * g + i;
+              for (int c = 0; c < kTile / 2; ++c) {
+                d[c] += xk * (((v[4 * c] & 15) ^ 8) - 8);
+                d[c + kTile / 2] += xk * (((v[4 * c] >> 4) ^ 8) - 8);
+              }
+            }
           }
-        }
+        const float xs = x.scale[m * w.nbk + b];
+        const float* s = w.Scales(t, b);
+        for (int c = 0; c < kTile; ++c) f[c] += static_cast<float>(d[c]) * (xs * s[c]);
       }
-      const float xs = x.scale[m * nbk + b];
-      const float* sb = s + b * N + na;
-      for (int64_t n = 0; n < width; ++n) ym[na + n] += static_cast<float>(dot[n]) * (xs * sb[n]);
+      std::memcpy(y + m * w.n + t * kTile, f, sizeof(float) * w.Width(t));
     }
-  }
 }
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__) && defined(__GLIBC__)
@@ -513,18 +532,11 @@ __attribute__((always_inline)) inline void QColumnsBody(const uint8_t* q, const 
 #else
 #define PLAIN_CLONES
 #endif
-PLAIN_CLONES void QColumns8(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
-                            int64_t M, QView x, float* y) {
-  QColumnsBody<8>(q, s, K, N, na, nb, M, x, y);
+PLAIN_CLONES void TilesPlain8(const QWeights& w, int64_t ta, int64_t tb, int64_t M, QView x, float* y) {
+  TilesPlainBody<8>(w, ta, tb, M, x, y);
 }
-PLAIN_CLONES void QColumns4(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
-                            int64_t M, QView x, float* y) {
-  QColumnsBody<4>(q, s, K, N, na, nb, M, x, y);
-}
-template <int BITS>
-void QColumns(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb, int64_t M,
-              QView x, float* y) {
-  (BITS == 8 ? QColumns8 : QColumns4)(q, s, K, N, na, nb, M, x, y);
+PLAIN_CLONES void TilesPlain4(const QWeights& w, int64_t ta, int64_t tb, int64_t M, QView x, float* y) {
+  TilesPlainBody<4>(w, ta, tb, M, x, y);
 }
 
 #ifdef RWKV_VNNI
@@ -535,200 +547,133 @@ bool HasVnni() {
   return ok;
 }
 
-// out_j's 128-bit lane L = in_L's lane j (a 4 x 4 transpose of lanes; its own inverse)
-VNNI_TARGET inline void Lanes4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512* o) {
-  const __m512 t0 = _mm512_shuffle_f32x4(a0, a1, 0x44), t1 = _mm512_shuffle_f32x4(a0, a1, 0xEE);
-  const __m512 t2 = _mm512_shuffle_f32x4(a2, a3, 0x44), t3 = _mm512_shuffle_f32x4(a2, a3, 0xEE);
-  o[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
-  o[1] = _mm512_shuffle_f32x4(t0, t2, 0xDD);
-  o[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
-  o[3] = _mm512_shuffle_f32x4(t1, t3, 0xDD);
+// The bytes 2 KB past a block (the next block or two of the same tile) into L1: on a tile's run the hardware
+// prefetcher alone left a v7 int4 step's products waiting (5.85 -> 5.37 ms a step with it, 2 threads; 1, 3 and 4 KB
+// ahead, every other line, into L2 only, and the scales as well: no better, within the noise).
+template <int BITS>
+__attribute__((always_inline)) inline void PrefetchAhead(const uint8_t* blk) {
+  for (int64_t line = 0; line < kBlockBytes<BITS>; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(blk + 2048 + line), _MM_HINT_T0);
 }
 
-// Block b's 32 rows of 64 columns (q's bytes for column n0 at qb) -> w[g][j], g the group of 4 rows: each 32-bit
-// lane holds one column's 4 consecutive k, as unsigned bytes (the weight offset by 128, int4 by 8: vpdpbusd
-// multiplies unsigned by signed bytes) or, SIGNED (AMX's tdpbssd), as they are. The byte/word interleaves work
-// within 128-bit lanes, so w[g][j]'s lane L holds columns 16L + 4j .. 16L + 4j + 3. All 32 rows at once, so that
-// their loads go out together and every row of x reuses them.
-template <int BITS, bool SIGNED = false>
-VNNI_TARGET inline void UnpackBlock(const uint8_t* qb, int64_t row, int64_t b, __m512i (*w)[4]) {
-  const __m512i offset = _mm512_set1_epi8(BITS == 8 ? static_cast<char>(0x80) : 0x08);
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  // int4: [low nibbles (even n) | high nibbles (odd n)] -> n order
-  const __m512i natural = _mm512_set_epi8(
-      63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18,
-      49, 17, 48, 16, 47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3,
-      34, 2, 33, 1, 32, 0);
-  for (int64_t g = 0; g < kQBlock / 4; ++g) {
-    __m512i r[4];  // rows k..k+3, columns n0..n0+63
-    for (int t = 0; t < 4; ++t) {
-      const uint8_t* src = qb + (b * kQBlock + 4 * g + t) * row;
-      if (BITS == 8) {
-        r[t] = SIGNED ? _mm512_loadu_si512(src) : _mm512_xor_si512(_mm512_loadu_si512(src), offset);
-      } else {
-        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(p), _mm256_srli_epi16(p, 4), 1);
-        const __m512i u = _mm512_xor_si512(_mm512_and_si512(v, nibble), offset);  // the nibble + 8: 1 .. 15
-        r[t] = _mm512_permutexvar_epi8(natural, SIGNED ? _mm512_sub_epi8(u, offset) : u);
-      }
-    }
-    const __m512i a = _mm512_unpacklo_epi8(r[0], r[1]), c = _mm512_unpackhi_epi8(r[0], r[1]);
-    const __m512i d = _mm512_unpacklo_epi8(r[2], r[3]), e = _mm512_unpackhi_epi8(r[2], r[3]);
-    w[g][0] = _mm512_unpacklo_epi16(a, d);
-    w[g][1] = _mm512_unpackhi_epi16(a, d);
-    w[g][2] = _mm512_unpacklo_epi16(c, e);
-    w[g][3] = _mm512_unpackhi_epi16(c, e);
+// Tile t's 64 columns of one row (16 in each of f) into y, only those that exist
+VNNI_TARGET inline void StoreTile(const __m512* f, int64_t width, float* y) {
+  for (int j = 0; j < 4; ++j) {
+    const int64_t left = std::clamp<int64_t>(width - 16 * j, 0, 16);
+    _mm512_mask_storeu_ps(y + 16 * j, static_cast<__mmask16>((1u << left) - 1), f[j]);
   }
 }
 
-// The rows of the columns 256 ahead of n0 in block b (past the stretch's end: the next block's first tiles) into
-// L2: the hardware prefetcher picks up each row's short run too late (measured: the int4 products of a v4 step
-// 4.7 ms instead of 5.5, 2 threads). Inlined by force: as a call it cost 15 % of the same products.
-template <int BITS, int WIDTH = 64>
-__attribute__((always_inline)) inline void PrefetchAhead(const uint8_t* q, int64_t row, int64_t b, int64_t nbk,
-                                                         int64_t n0, int64_t na, int64_t nb) {
-  int64_t pb = b, pn = n0 + 256;
-  if (pn >= nb) pb += 1, pn = na + std::min(pn - nb, nb - na - WIDTH);
-  if (pb < nbk)
-    for (int64_t k = pb * kQBlock; k < (pb + 1) * kQBlock; ++k)
-      _mm_prefetch(reinterpret_cast<const char*>(q + k * row + (BITS == 8 ? pn : pn / 2)), _MM_HINT_T1);
-}
-
-// Columns [na, nb) (64 at a time) of every row with AVX-512 VNNI, the block loop outermost: each task then streams
-// its own stretch of every row of q (a task per 64 columns read strided and ran at half the bandwidth). A block's
-// sum of x times the weights' offset comes off again after the products. From kAmxRows rows, the AMX path where
-// the CPU has one.
-template <int BITS>
-VNNI_TARGET void QColumnsVnni(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
-                              int64_t M, QView x, float* y) {
-  constexpr int64_t MT = 4;  // rows of x per pass over a block's weights
-  const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock;
-  for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + na, y + m * N + nb, 0.0f);
-  for (int64_t b = 0; b < nbk; ++b) {
-    for (int64_t n0 = na; n0 < nb; n0 += 64) {
-      const uint8_t* qb = q + (BITS == 8 ? n0 : n0 / 2);
-      PrefetchAhead<BITS>(q, row, b, nbk, n0, na, nb);
-      __m512 sv[4];  // the block's scales in the accumulators' order
-      const float* sb = s + b * N + n0;
-      Lanes4(_mm512_loadu_ps(sb), _mm512_loadu_ps(sb + 16), _mm512_loadu_ps(sb + 32), _mm512_loadu_ps(sb + 48), sv);
-      __m512i w[kQBlock / 4][4];
-      UnpackBlock<BITS>(qb, row, b, w);
-      for (int64_t m0 = 0; m0 < M; m0 += MT) {
-        const int64_t mt = std::min(MT, M - m0);
-        __m512i acc[MT][4];
-        for (auto& row_acc : acc)
-          for (auto& v : row_acc) v = _mm512_setzero_si512();
-        for (int64_t g = 0; g < kQBlock / 4; ++g)
-          for (int64_t i = 0; i < mt; ++i) {
-            int32_t xk;  // x's 4 values at k..k+3, in every lane
-            std::memcpy(&xk, x.q + (m0 + i) * K + b * kQBlock + 4 * g, 4);
-            const __m512i xb = _mm512_set1_epi32(xk);
-            for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[g][j], xb);
-          }
-        for (int64_t i = 0; i < mt; ++i) {
-          const int64_t mb = (m0 + i) * nbk + b;
-          const __m512i off = _mm512_set1_epi32((BITS == 8 ? 128 : 8) * x.sum[mb]);
-          const __m512 xs = _mm512_set1_ps(x.scale[mb]);
-          float* yo = y + (m0 + i) * N + n0;  // in the accumulators' order until the last block
-          for (int j = 0; j < 4; ++j)
-            _mm512_storeu_ps(yo + 16 * j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], off)),
-                                                          _mm512_mul_ps(xs, sv[j]), _mm512_loadu_ps(yo + 16 * j)));
+// MT rows (1 or 2) from row m0 through tile t with AVX-512 VNNI. vpdpbusd multiplies unsigned by signed bytes, so
+// the weights go in offset by 128 (int4: 8) and each block's sum of x times the offset comes off after the products.
+// One row keeps two chains of sums per column, so that vpdpbusd's latency overlaps.
+template <int BITS, int MT>
+VNNI_TARGET __attribute__((always_inline)) inline void TilePassVnni(const QWeights& w, int64_t t, int64_t m0,
+                                                                    QView x, float* y) {
+  constexpr int kChains = MT == 1 ? 2 : 1;
+  const __m512i nibble = _mm512_set1_epi8(0x0F), offset = _mm512_set1_epi8(BITS == 8 ? static_cast<char>(0x80) : 8);
+  __m512 f[MT][4];
+  for (auto& row : f)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  for (int64_t b = 0; b < w.nbk; ++b) {
+    const uint8_t* blk = w.Block<BITS>(t, b);
+    PrefetchAhead<BITS>(blk);
+    __m512i acc[MT * kChains][4];
+    for (auto& row : acc)
+      for (auto& v : row) v = _mm512_setzero_si512();
+    for (int g = 0; g < kQBlock / 4; ++g) {
+      __m512i wv[4];  // columns 16j .. 16j + 15, 4 k each, unsigned
+      if (BITS == 8) {
+        for (int j = 0; j < 4; ++j) wv[j] = _mm512_xor_si512(_mm512_loadu_si512(blk + 256 * g + 64 * j), offset);
+      } else {
+        for (int h = 0; h < 2; ++h) {
+          const __m512i v = _mm512_loadu_si512(blk + 128 * g + 64 * h);
+          wv[h] = _mm512_xor_si512(_mm512_and_si512(v, nibble), offset);
+          wv[h + 2] = _mm512_xor_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), offset);
         }
       }
+      for (int i = 0; i < MT; ++i) {
+        int32_t xk;  // x's 4 values at k..k+3, in every lane
+        std::memcpy(&xk, x.q + (m0 + i) * w.K + b * kQBlock + 4 * g, 4);
+        const __m512i xb = _mm512_set1_epi32(xk);
+        __m512i* a = acc[MT == 1 ? g % kChains : i];
+        for (int j = 0; j < 4; ++j) a[j] = _mm512_dpbusd_epi32(a[j], wv[j], xb);
+      }
+    }
+    const float* s = w.Scales(t, b);
+    for (int i = 0; i < MT; ++i) {
+      const int64_t mb = (m0 + i) * w.nbk + b;
+      const __m512i off = _mm512_set1_epi32((BITS == 8 ? 128 : 8) * x.sum[mb]);
+      const __m512 xs = _mm512_set1_ps(x.scale[mb]);
+      for (int j = 0; j < 4; ++j) {
+        const __m512i sum = kChains == 2 ? _mm512_add_epi32(acc[0][j], acc[1][j]) : acc[i][j];
+        f[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, off)),
+                                  _mm512_mul_ps(xs, _mm512_loadu_ps(s + 16 * j)), f[i][j]);
+      }
     }
   }
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n0 = na; n0 < nb; n0 += 64) {
-      float* yo = y + m * N + n0;
-      __m512 o[4];
-      Lanes4(_mm512_loadu_ps(yo), _mm512_loadu_ps(yo + 16), _mm512_loadu_ps(yo + 32), _mm512_loadu_ps(yo + 48), o);
-      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(yo + 16 * j, o[j]);
-    }
+  for (int i = 0; i < MT; ++i) StoreTile(f[i], w.Width(t), y + (m0 + i) * w.n + t * kTile);
 }
 
-// ---- AVX2 (no AVX-512 VNNI): 32 columns a tile; the products as ggml's pre-VNNI kernels do them: |x| times the
-// weights with x's sign (vpsignb), pairs summed by vpmaddubsw (at most 2 x 127 x 127, no saturation), then pairs
-// of pairs by vpmaddwd. Signed weights: no offset to take back off.
+// Tiles [ta, tb) of every row, two rows a pass (one where there is one): the tile's weights (K x 64 bytes) stay in
+// L2 between passes. From kAmxRows rows, the AMX path where the CPU has one.
+template <int BITS>
+VNNI_TARGET void TilesVnni(const QWeights& w, int64_t ta, int64_t tb, int64_t M, QView x, float* y) {
+  for (int64_t t = ta; t < tb; ++t) {
+    int64_t m0 = 0;
+    for (; m0 + 2 <= M; m0 += 2) TilePassVnni<BITS, 2>(w, t, m0, x, y);
+    if (m0 < M) TilePassVnni<BITS, 1>(w, t, m0, x, y);
+  }
+}
+
+// ---- AVX2 (no AVX-512 VNNI): the products as ggml's pre-VNNI kernels do them: |x| times the weights with x's
+// sign (vpsignb), pairs summed by vpmaddubsw (at most 2 x 127 x 127, no saturation), then pairs of pairs by
+// vpmaddwd. Signed weights: no offset to take back off. 16 vector registers: a tile in two halves of 32 columns.
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
 bool HasAvx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
 
-// Block b's 32 rows of 32 columns -> w[g][j] as UnpackBlock's, 128-bit lane L of w[g][j] holding columns
-// 16L + 4j .. 16L + 4j + 3, the weights signed.
 template <int BITS>
-AVX2_TARGET inline void UnpackBlock32(const uint8_t* qb, int64_t row, int64_t b, __m256i (*w)[4]) {
-  const __m256i eight = _mm256_set1_epi8(8);
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  for (int64_t g = 0; g < kQBlock / 4; ++g) {
-    __m256i r[4];  // rows k..k+3, columns n0..n0+31
-    for (int t = 0; t < 4; ++t) {
-      const uint8_t* src = qb + (b * kQBlock + 4 * g + t) * row;
-      if (BITS == 8) {
-        r[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-      } else {  // 16 bytes: even columns in the low nibbles
-        const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-        const __m128i lo = _mm_and_si128(p, nibble), hi = _mm_and_si128(_mm_srli_epi16(p, 4), nibble);
-        const __m256i v = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-        r[t] = _mm256_sub_epi8(_mm256_xor_si256(v, eight), eight);  // two's complement nibbles -> int8
-      }
-    }
-    const __m256i a = _mm256_unpacklo_epi8(r[0], r[1]), c = _mm256_unpackhi_epi8(r[0], r[1]);
-    const __m256i d = _mm256_unpacklo_epi8(r[2], r[3]), e = _mm256_unpackhi_epi8(r[2], r[3]);
-    w[g][0] = _mm256_unpacklo_epi16(a, d);
-    w[g][1] = _mm256_unpackhi_epi16(a, d);
-    w[g][2] = _mm256_unpacklo_epi16(c, e);
-    w[g][3] = _mm256_unpackhi_epi16(c, e);
-  }
-}
-
-template <int BITS>
-AVX2_TARGET void QColumnsAvx2(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
-                              int64_t M, QView x, float* y) {
-  constexpr int64_t MT = 2;  // rows of x per pass (16 vector registers)
-  const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock;
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + na, y + m * N + nb, 0.0f);
-  for (int64_t b = 0; b < nbk; ++b) {
-    for (int64_t n0 = na; n0 < nb; n0 += 32) {
-      PrefetchAhead<BITS, 32>(q, row, b, nbk, n0, na, nb);
-      const float* sb = s + b * N + n0;
-      const __m256 s0 = _mm256_loadu_ps(sb), s1 = _mm256_loadu_ps(sb + 8), s2 = _mm256_loadu_ps(sb + 16),
-                   s3 = _mm256_loadu_ps(sb + 24);
-      const __m256 sv[4] = {_mm256_permute2f128_ps(s0, s2, 0x20), _mm256_permute2f128_ps(s0, s2, 0x31),
-                            _mm256_permute2f128_ps(s1, s3, 0x20), _mm256_permute2f128_ps(s1, s3, 0x31)};
-      __m256i w[kQBlock / 4][4];
-      UnpackBlock32<BITS>(q + (BITS == 8 ? n0 : n0 / 2), row, b, w);
-      for (int64_t m0 = 0; m0 < M; m0 += MT) {
-        const int64_t mt = std::min(MT, M - m0);
-        __m256i acc[MT][4];
-        for (auto& row_acc : acc)
-          for (auto& v : row_acc) v = _mm256_setzero_si256();
-        for (int64_t g = 0; g < kQBlock / 4; ++g)
-          for (int64_t i = 0; i < mt; ++i) {
+AVX2_TARGET void TilesAvx2(const QWeights& w, int64_t ta, int64_t tb, int64_t M, QView x, float* y) {
+  const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+  alignas(32) float out[kTile];
+  for (int64_t t = ta; t < tb; ++t)
+    for (int64_t m = 0; m < M; ++m) {
+      for (int half = 0; half < 2; ++half) {  // columns 32 half + 8v .. + 7 in f[v]
+        __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t b = 0; b < w.nbk; ++b) {
+          const uint8_t* blk = w.Block<BITS>(t, b);
+          __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                            _mm256_setzero_si256()};
+          for (int g = 0; g < kQBlock / 4; ++g) {
             int32_t xk;  // x's 4 values at k..k+3, in every 32-bit lane
-            std::memcpy(&xk, x.q + (m0 + i) * K + b * kQBlock + 4 * g, 4);
+            std::memcpy(&xk, x.q + m * w.K + b * kQBlock + 4 * g, 4);
             const __m256i xb = _mm256_set1_epi32(xk), ax = _mm256_abs_epi8(xb);
-            for (int j = 0; j < 4; ++j) {
-              const __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[g][j], xb));
-              acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(pairs, ones));
+            for (int v = 0; v < 4; ++v) {  // v = 2jj + hh: 8 columns, 4 k each
+              __m256i wv;
+              if (BITS == 8) {
+                wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 256 * g + 64 * (2 * half + v / 2) +
+                                                                         32 * (v % 2)));
+              } else {
+                const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 * g + 32 * v));
+                const __m256i u = _mm256_and_si256(half ? _mm256_srli_epi16(p, 4) : p, nibble);
+                wv = _mm256_sub_epi8(_mm256_xor_si256(u, eight), eight);  // two's complement nibbles -> int8
+              }
+              const __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xb));
+              acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(pairs, ones));
             }
           }
-        for (int64_t i = 0; i < mt; ++i) {
-          const __m256 xs = _mm256_set1_ps(x.scale[(m0 + i) * nbk + b]);
-          __m256 c[4];
-          for (int j = 0; j < 4; ++j) c[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][j]), _mm256_mul_ps(xs, sv[j]));
-          const __m256 natural[4] = {  // columns 0-7, 8-15, 16-23, 24-31
-              _mm256_permute2f128_ps(c[0], c[1], 0x20), _mm256_permute2f128_ps(c[2], c[3], 0x20),
-              _mm256_permute2f128_ps(c[0], c[1], 0x31), _mm256_permute2f128_ps(c[2], c[3], 0x31)};
-          float* yo = y + (m0 + i) * N + n0;
+          const __m256 xs = _mm256_set1_ps(x.scale[m * w.nbk + b]);
+          const float* s = w.Scales(t, b) + 32 * half;
           for (int v = 0; v < 4; ++v)
-            _mm256_storeu_ps(yo + 8 * v, _mm256_add_ps(_mm256_loadu_ps(yo + 8 * v), natural[v]));
+            f[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[v]), _mm256_mul_ps(xs, _mm256_loadu_ps(s + 8 * v)), f[v]);
         }
+        for (int v = 0; v < 4; ++v) _mm256_store_ps(out + 32 * half + 8 * v, f[v]);
       }
+      std::memcpy(y + m * w.n + t * kTile, out, sizeof(float) * w.Width(t));
     }
-  }
 }
 
 #ifdef RWKV_AMX
@@ -750,55 +695,54 @@ struct TileConfig {  // the layout _tile_loadconfig reads (palette 1)
 };
 
 // A block's integer sums C (16 rows x 64 columns, 16 columns a tile) times the weights' scales sw (64, in column
-// order) and x's scales xs (one a row, rows nbk apart), added to acc (rows `stride` floats apart).
+// order) and x's scales xs (one a row, rows nbk apart), added to acc (rows 64 floats apart).
 AMX_TARGET __attribute__((always_inline)) inline void ScaleBlock(const int32_t (*C)[16][16], const float* sw,
                                                                  const float* xs, int64_t nbk, int64_t rows,
-                                                                 float* acc, int64_t stride) {
+                                                                 float (*acc)[kTile]) {
   __m512 sv[4];
   for (int L = 0; L < 4; ++L) sv[L] = _mm512_loadu_ps(sw + 16 * L);
   for (int64_t i = 0; i < rows; ++i) {
     const __m512 xi = _mm512_set1_ps(xs[i * nbk]);
-    float* a = acc + i * stride;
     for (int L = 0; L < 4; ++L)
-      _mm512_storeu_ps(a + 16 * L, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(C[L][i])),
-                                                   _mm512_mul_ps(xi, sv[L]), _mm512_loadu_ps(a + 16 * L)));
+      _mm512_store_ps(acc[i] + 16 * L, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(C[L][i])),
+                                                       _mm512_mul_ps(xi, sv[L]), _mm512_load_ps(acc[i] + 16 * L)));
   }
 }
 
-struct alignas(64) BTiles {  // one block's 64 columns as four B tiles
+struct alignas(64) BTiles {  // an int4 block's 64 columns as four B tiles of 8 rows (groups of 4 k) x 16 columns
   uint8_t t[4][kQBlock / 4][64];
 };
 
-// Block b's 64 columns from n0 -> B tiles: 8 groups of 4 rows x 16 columns, signed, columns in order.
-template <int BITS>
-AMX_TARGET __attribute__((always_inline)) inline void UnpackTiles(const uint8_t* q, int64_t row, int64_t b,
-                                                                  int64_t n0, BTiles& out) {
-  __m512i w[kQBlock / 4][4];
-  UnpackBlock<BITS, true>(q + (BITS == 8 ? n0 : n0 / 2), row, b, w);
-  for (int64_t g = 0; g < kQBlock / 4; ++g) {  // lane L of w[g][0..3]: columns 16L .. 16L + 15, in order
-    __m512 o[4];
-    Lanes4(_mm512_castsi512_ps(w[g][0]), _mm512_castsi512_ps(w[g][1]), _mm512_castsi512_ps(w[g][2]),
-           _mm512_castsi512_ps(w[g][3]), o);
-    for (int L = 0; L < 4; ++L) _mm512_store_ps(reinterpret_cast<float*>(out.t[L][g]), o[L]);
-  }
+// An int4 block -> signed bytes in B tiles (an int8 block is B tiles as stored: tile j at 64j, rows 256 apart)
+AMX_TARGET __attribute__((always_inline)) inline void UnpackTiles4(const uint8_t* blk, BTiles& out) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+  for (int g = 0; g < kQBlock / 4; ++g)
+    for (int h = 0; h < 2; ++h) {
+      const __m512i v = _mm512_loadu_si512(blk + 128 * g + 64 * h);
+      const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      _mm512_store_si512(out.t[h][g], _mm512_sub_epi8(_mm512_xor_si512(lo, eight), eight));
+      _mm512_store_si512(out.t[h + 2][g], _mm512_sub_epi8(_mm512_xor_si512(hi, eight), eight));
+    }
 }
 
-// 16 rows of x's block (a, rows lda apart) times a block's B tiles into tiles 2..5; StoreSums writes them out.
-// Split so that the vector units can scale the previous block's sums while the tiles multiply.
-AMX_TARGET __attribute__((always_inline)) inline void MultiplyBlock(const int8_t* a, int64_t lda, const BTiles& bt) {
-  asm volatile("" ::: "memory");  // GCC's tile loads do not say they read memory: keep UnpackTiles' stores before
+// 16 rows of x's block (a, rows lda apart) times a block's four B tiles (tile j at b + j * step, rows ldb apart)
+// into tiles 2..5; StoreSums writes them out. Split so that the vector units can scale the previous block's sums
+// while the tiles multiply.
+AMX_TARGET __attribute__((always_inline)) inline void MultiplyBlock(const int8_t* a, int64_t lda, const uint8_t* b,
+                                                                    int64_t step, int64_t ldb) {
+  asm volatile("" ::: "memory");  // GCC's tile loads do not say they read memory: keep UnpackTiles4's stores before
   _tile_loadd(0, a, lda);
   _tile_zero(2);
   _tile_zero(3);
   _tile_zero(4);
   _tile_zero(5);
-  _tile_loadd(1, bt.t[0], 64);
+  _tile_loadd(1, b, ldb);
   _tile_dpbssd(2, 0, 1);
-  _tile_loadd(1, bt.t[1], 64);
+  _tile_loadd(1, b + step, ldb);
   _tile_dpbssd(3, 0, 1);
-  _tile_loadd(1, bt.t[2], 64);
+  _tile_loadd(1, b + 2 * step, ldb);
   _tile_dpbssd(4, 0, 1);
-  _tile_loadd(1, bt.t[3], 64);
+  _tile_loadd(1, b + 3 * step, ldb);
   _tile_dpbssd(5, 0, 1);
 }
 
@@ -809,70 +753,47 @@ AMX_TARGET __attribute__((always_inline)) inline void StoreSums(int32_t (*C)[16]
   _tile_stored(5, C[3], 64);
 }
 
-// Columns [na, nb) for rows of x in tiles of 16 (x.q padded to a multiple of 16 rows) with AMX: tdpbssd's sums are
+// Tiles [ta, tb) for rows of x in tiles of 16 (x.q padded to a multiple of 16 rows) with AMX: tdpbssd's sums are
 // exact and equal the VNNI path's offset-corrected ones, and the scales go on in the same order, so the two paths
-// give the same bits. Two loop orders:
-// - one tile of rows (batched decode): blocks outermost as in the VNNI path, so that each task streams its
-//   stretch of every row of q, the sums in y (16 rows of a stretch stay in L2);
-// - more (prefill): per 64 columns, the weights of every block become B tiles, unpacked while the first 16 rows
-//   use them and kept (K x 64 bytes) for the rest; each tile of 16 rows then runs through all blocks with its
-//   sums in L1, written to y once. With blocks outermost at 256 rows y outgrew L2, and two v4 layers' int8
-//   products took 26.3 ms, as long as float32 MatMul; this way 11.1, with x rounded on both threads. At 16 rows
-//   it was the slower one: batch-16 steps of a v4 int4 export 16.9 ms against 13.7.
+// give the same bits. Per tile of weights, each 16 rows run through all its blocks with their sums in L1, written
+// to y once; int4 blocks are unpacked while the first 16 rows use them and kept (K x 64 bytes) for the rest.
 template <int BITS>
-AMX_TARGET void QColumnsAmx(const uint8_t* q, const float* s, int64_t K, int64_t N, int64_t na, int64_t nb,
-                            int64_t M, QView x, float* y) {
+AMX_TARGET void TilesAmx(const QWeights& w, int64_t ta, int64_t tb, int64_t M, QView x, float* y) {
   TileConfig cfg;
   cfg.rows[0] = 16, cfg.colsb[0] = kQBlock;  // A: 16 rows of x, one block
   cfg.rows[1] = kQBlock / 4, cfg.colsb[1] = 64;  // B: 8 groups of 4 rows, 16 columns x 4 bytes
   for (int t = 2; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;  // C: 16 x 16 int32, one per 16 columns
   _tile_loadconfig(&cfg);
-  const int64_t row = BITS == 8 ? N : N / 2, nbk = K / kQBlock;
-  alignas(64) int32_t C[2][4][16][16];  // the sums of the current step in one, the previous step's in the other
-  if (M <= 16) {
-    BTiles bt;
-    for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + na, y + m * N + nb, 0.0f);
-    int64_t step = 0, pb = 0, pn = 0;  // the previous step's block and columns
-    for (int64_t b = 0; b < nbk; ++b)
-      for (int64_t n0 = na; n0 < nb; n0 += 64, ++step) {
-        PrefetchAhead<BITS>(q, row, b, nbk, n0, na, nb);
-        UnpackTiles<BITS>(q, row, b, n0, bt);
-        MultiplyBlock(x.q + b * kQBlock, K, bt);
-        if (step > 0) ScaleBlock(C[(step - 1) % 2], s + pb * N + pn, x.scale + pb, nbk, M, y + pn, N);
-        StoreSums(C[step % 2]);
-        pb = b, pn = n0;
-      }
-    if (step > 0) ScaleBlock(C[(step - 1) % 2], s + pb * N + pn, x.scale + pb, nbk, M, y + pn, N);
-  } else {
-    std::unique_ptr<BTiles[]> B(new BTiles[nbk]);  // aligned: C++17's aligned new and delete
-    alignas(64) float acc[16][64];
-    for (int64_t n0 = na; n0 < nb; n0 += 64) {
-      for (int64_t m0 = 0; m0 < M; m0 += 16) {
-        const int64_t mt = std::min<int64_t>(16, M - m0);
-        std::memset(acc, 0, sizeof acc);
-        for (int64_t b = 0; b < nbk; ++b) {
-          if (m0 == 0) {
-            PrefetchAhead<BITS>(q, row, b, nbk, n0, na, nb);
-            UnpackTiles<BITS>(q, row, b, n0, B[b]);
-          }
-          MultiplyBlock(x.q + m0 * K + b * kQBlock, K, B[b]);
-          if (b > 0) ScaleBlock(C[(b - 1) % 2], s + (b - 1) * N + n0, x.scale + m0 * nbk + b - 1, nbk, mt, acc[0], 64);
-          StoreSums(C[b % 2]);
+  const int64_t nbk = w.nbk;
+  alignas(64) int32_t C[2][4][16][16];  // the sums of the current block in one, the previous block's in the other
+  alignas(64) float acc[16][kTile];
+  std::unique_ptr<BTiles[]> unpacked(BITS == 4 ? new BTiles[nbk] : nullptr);  // aligned: C++17's aligned new
+  for (int64_t t = ta; t < tb; ++t)
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+      const int64_t mt = std::min<int64_t>(16, M - m0);
+      std::memset(acc, 0, sizeof acc);
+      for (int64_t b = 0; b < nbk; ++b) {
+        const uint8_t* blk = w.Block<BITS>(t, b);
+        if (m0 == 0) PrefetchAhead<BITS>(blk);
+        if (BITS == 8) {
+          MultiplyBlock(x.q + m0 * w.K + b * kQBlock, w.K, blk, 64, 256);
+        } else {
+          if (m0 == 0) UnpackTiles4(blk, unpacked[b]);
+          MultiplyBlock(x.q + m0 * w.K + b * kQBlock, w.K, unpacked[b].t[0][0], sizeof unpacked[b].t[0], 64);
         }
-        ScaleBlock(C[(nbk - 1) % 2], s + (nbk - 1) * N + n0, x.scale + m0 * nbk + nbk - 1, nbk, mt, acc[0], 64);
-        for (int64_t i = 0; i < mt; ++i) std::memcpy(y + (m0 + i) * N + n0, acc[i], sizeof acc[i]);
+        if (b > 0) ScaleBlock(C[(b - 1) % 2], w.Scales(t, b - 1), x.scale + m0 * nbk + b - 1, nbk, mt, acc);
+        StoreSums(C[b % 2]);
       }
+      ScaleBlock(C[(nbk - 1) % 2], w.Scales(t, nbk - 1), x.scale + m0 * nbk + nbk - 1, nbk, mt, acc);
+      for (int64_t i = 0; i < mt; ++i) std::memcpy(y + (m0 + i) * w.n + t * kTile, acc[i], sizeof(float) * w.Width(t));
     }
-  }
   _tile_release();
 }
 #endif
 #endif
 
-// Contiguous stretches of columns: ONNX Runtime hands each of its threads a run of consecutive tasks, and a
-// stretch per task keeps every thread streaming rows rather than striding down columns (a task per 64 columns ran
-// at half the bandwidth). One per CPU the machine reports (ONNX Runtime's thread count is not visible to a
-// kernel), but at least 4 tiles each.
+// Contiguous runs of tiles: ONNX Runtime hands each of its threads a run of consecutive tasks. One per CPU the
+// machine reports (ONNX Runtime's thread count is not visible to a kernel), but at least 4 tiles each.
 int64_t ColumnTasks(int64_t tiles) {
   static const int64_t cpus = std::max(1u, std::thread::hardware_concurrency());
   return std::max<int64_t>(1, std::min(tiles / 4, cpus));
@@ -897,68 +818,55 @@ QPath BestPath() {
 QPath Path() { return std::min(BestPath(), Cap()); }
 
 template <int BITS, typename QT>
-Ort::Status MatMulQ(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<QT>& q, const Tensor<float>& scale,
-                    Tensor<float>& y) {
-  const char* op = BITS == 8 ? "MatMulQ8" : "MatMulQ4";
-  Shape xs = x.Shape();
-  const Shape& qs = q.Shape();
-  if (xs.empty() || qs.size() != 2 || xs.back() != qs[0] || qs[0] % kQBlock != 0 || qs[0] == 0)
-    return Invalid(std::string("rwkv::") + op + ": x " + Str(xs) + " and q " + Str(qs) +
-                   " do not multiply (q [K, N" + (BITS == 8 ? "" : " / 2") + "], K a multiple of 32)");
-  const int64_t K = qs[0], N = BITS == 8 ? qs[1] : 2 * qs[1];
-  RETURN_IF_ERROR(Expect(op, "scale", scale.Shape(), {K / kQBlock, N}));
-  const int64_t M = x.NumberOfElement() / K;
-  xs.back() = N;
-  float* out = y.Allocate(xs);
-  const QPath path = Path();
-  QRows rows;
-  QuantizeRows(ctx, x.Data(), M, K, rows, Cap() >= QPath::kVnni);  // AVX-512 rounding unless capped below it
-  const auto* qd = reinterpret_cast<const uint8_t*>(q.Data());
-  const float* sd = scale.Data();
-#ifdef RWKV_VNNI
-  if (path != QPath::kPlain) {
-    const bool amx = path == QPath::kAmx && M >= kAmxRows;
-    if (amx) rows.q.resize((M + 15) / 16 * 16 * K, 0);  // whole tiles of 16 rows; the padding's outputs are dropped
-    const int64_t width = path == QPath::kAvx2 ? 32 : 64, tiles = N / width, tasks = ColumnTasks(tiles * width / 64);
-    // without AMX, rows of x in panels of 32: every block's sums go through y, which must stay in L2 (256 rows of
-    // a prefill at once: the VNNI path took 31 ms for two v4 layers' products instead of 24; 16 rows 24, 64 rows 35)
-    const int64_t panel = amx ? M : 32;
-    auto body = [&](size_t task) {
-      const int64_t t = static_cast<int64_t>(task), na = width * (tiles * t / tasks);
-      const int64_t nb = width * (tiles * (t + 1) / tasks);
-      for (int64_t m0 = 0; m0 < M; m0 += panel) {
-        const int64_t mp = std::min(panel, M - m0);
-        const QView xp = RowsFrom(rows, m0, K);
-        float* yp = out + m0 * N;
-        if (path == QPath::kAvx2) {
-          QColumnsAvx2<BITS>(qd, sd, K, N, na, nb, mp, xp, yp);
+struct MatMulQ {
+  MatMulQ(const OrtApi* api, const OrtKernelInfo* info) {
+    if (OrtStatus* missing = api->KernelInfoGetAttribute_int64(info, "n", &n)) api->ReleaseStatus(missing), n = -1;
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<QT>& q, const Tensor<float>& scale,
+                      Tensor<float>& y) {
+    const std::string op = BITS == 8 ? "rwkv::MatMulQ8" : "rwkv::MatMulQ4";
+    if (n <= 0)
+      return Invalid(op + ": no attribute n (the number of columns) or n < 1; an export from before tiles of 64 " +
+                     "columns runs with the library it shipped with");
+    Shape xs = x.Shape();
+    const Shape& qs = q.Shape();
+    const int64_t T = (n + kTile - 1) / kTile;
+    if (xs.empty() || qs.size() != 3 || qs[0] != T || qs[2] != kBlockBytes<BITS> || xs.back() != qs[1] * kQBlock ||
+        qs[1] == 0)
+      return Invalid(op + ": x " + Str(xs) + " and q " + Str(qs) + " do not multiply (q [ceil(n / 64), K / 32, " +
+                     std::to_string(kBlockBytes<BITS>) + "], n = " + std::to_string(n) + ")");
+    const int64_t K = xs.back(), nbk = K / kQBlock;
+    RETURN_IF_ERROR(Expect(op.c_str(), "scale", scale.Shape(), {T, nbk, kTile}));
+    const int64_t M = x.NumberOfElement() / K;
+    xs.back() = n;
+    float* out = y.Allocate(xs);
+    const QPath path = Path();
+    QRows rows;
+    QuantizeRows(ctx, x.Data(), M, K, rows, Cap() >= QPath::kVnni);  // AVX-512 rounding unless capped below it
+    const QWeights w{reinterpret_cast<const uint8_t*>(q.Data()), scale.Data(), K, n, nbk};
 #ifdef RWKV_AMX
-        } else if (amx) {
-          QColumnsAmx<BITS>(qd, sd, K, N, na, nb, mp, xp, yp);
+    if (path == QPath::kAmx && M >= kAmxRows) rows.q.resize((M + 15) / 16 * 16 * K, 0);  // whole tiles of 16 rows
 #endif
-        } else {
-          QColumnsVnni<BITS>(qd, sd, K, N, na, nb, mp, xp, yp);
-        }
-        if (t == tasks - 1) QColumns<BITS>(qd, sd, K, N, width * tiles, N, mp, xp, yp);
-      }
+    const QView xv = RowsFrom(rows, 0, K);
+    const int64_t tasks = ColumnTasks(T);
+    auto body = [&](size_t task) {
+      const int64_t ta = T * static_cast<int64_t>(task) / tasks, tb = T * (static_cast<int64_t>(task) + 1) / tasks;
+#ifdef RWKV_VNNI
+#ifdef RWKV_AMX
+      if (path == QPath::kAmx && M >= kAmxRows) return TilesAmx<BITS>(w, ta, tb, M, xv, out);
+#endif
+      if (path >= QPath::kVnni) return TilesVnni<BITS>(w, ta, tb, M, xv, out);
+      if (path == QPath::kAvx2) return TilesAvx2<BITS>(w, ta, tb, M, xv, out);
+#endif
+      (BITS == 8 ? TilesPlain8 : TilesPlain4)(w, ta, tb, M, xv, out);
     };
-    if (tiles > 0) {
-      ParallelFor(ctx, static_cast<size_t>(tasks), body);
-    } else {
-      QColumns<BITS>(qd, sd, K, N, 0, N, M, RowsFrom(rows, 0, K), out);
-    }
+    ParallelFor(ctx, static_cast<size_t>(tasks), body);
     return Ort::Status{nullptr};
   }
-#endif
-  const int64_t tiles = (N + 63) / 64, tasks = ColumnTasks(tiles);  // stretches of whole 64s: na stays even
-  auto body = [&](size_t task) {
-    const int64_t t = static_cast<int64_t>(task);
-    QColumns<BITS>(qd, sd, K, N, 64 * (tiles * t / tasks), std::min(N, 64 * (tiles * (t + 1) / tasks)), M,
-                   RowsFrom(rows, 0, K), out);
-  };
-  ParallelFor(ctx, static_cast<size_t>(tasks), body);
-  return Ort::Status{nullptr};
-}
+
+  int64_t n = -1;  // y's columns
+};
 
 // ---- rwkv::MatMulF16: y [..., N] = x [..., K] W for fp16 exports on the CPU (--matmul cpu) ----
 //   rwkv::MatMulF16(x float16[..., K], w float16[K, N]) -> y float16[..., N]
@@ -1314,8 +1222,8 @@ void MakeDomain() {
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV4", "CPUExecutionProvider", WKV4));
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV5", "CPUExecutionProvider", WKV5));
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV7", "CPUExecutionProvider", WKV7));
-  g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("MatMulQ8", "CPUExecutionProvider", MatMulQ<8, int8_t>));
-  g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("MatMulQ4", "CPUExecutionProvider", MatMulQ<4, uint8_t>));
+  g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulQ<8, int8_t>>("MatMulQ8", "CPUExecutionProvider"));
+  g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulQ<4, uint8_t>>("MatMulQ4", "CPUExecutionProvider"));
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("MatMulF16", "CPUExecutionProvider", MatMulF16));
 #ifdef RWKV_WITH_CUDA
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV4", "CUDAExecutionProvider", WKV4Cuda));
