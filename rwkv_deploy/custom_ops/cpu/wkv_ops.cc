@@ -494,37 +494,46 @@ struct QWeights {  // one weight's tiles
   int64_t Width(int64_t t) const { return std::min(kTile, n - t * kTile); }  // the tile's columns that exist
 };
 
-// Tiles [ta, tb) of every row, any CPU: where there is no vector path. The loops over a tile's columns vectorize
-// (GCC builds them for AVX2 and the baseline and picks at load, as the WKV kernels).
+// Tiles [ta, tb) of every row, any CPU: where there is no vector path. Each block is first put back in row order
+// (32 x 64 int8), so that every row's loops run over contiguous columns and vectorize (GCC builds them for AVX2 and
+// the baseline and picks at load, as the WKV kernels). Forced on this CPU, a v4 int4 batch-16 step took 107 ms this
+// way and 233 reading the tile's own order (4 bytes apart); batch 1 about the same (18 ms).
 template <int BITS>
 __attribute__((always_inline)) inline void TilesPlainBody(const QWeights& w, int64_t ta, int64_t tb, int64_t M,
                                                           QView x, float* y) {
-  for (int64_t t = ta; t < tb; ++t)
-    for (int64_t m = 0; m < M; ++m) {
-      float f[kTile] = {};
-      for (int64_t b = 0; b < w.nbk; ++b) {
-        const uint8_t* blk = w.Block<BITS>(t, b);
-        int32_t d[kTile] = {};
-        for (int g = 0; g < kQBlock / 4; ++g)
-          for (int i = 0; i < 4; ++i) {
-            const int32_t xk = x.q[m * w.K + b * kQBlock + 4 * g + i];
-            if (BITS == 8) {
-              const int8_t* v = reinterpret_cast<const int8_t*>(blk) + 256 * g + i;
-              for (int c = 0; c < kTile; ++c) d[c] += xk * v[4 * c];
-            } else {
-              const uint8_t* v = blk + 128 * g + i;
-              for (int c = 0; c < kTile / 2; ++c) {
-                d[c] += xk * (((v[4 * c] & 15) ^ 8) - 8);
-                d[c + kTile / 2] += xk * (((v[4 * c] >> 4) ^ 8) - 8);
-              }
+  std::vector<float> f(M * kTile);  // [M, 64]: each row's sums over the blocks so far
+  int8_t wn[kQBlock][kTile];        // the block, [k][c]
+  for (int64_t t = ta; t < tb; ++t) {
+    std::fill(f.begin(), f.end(), 0.0f);
+    for (int64_t b = 0; b < w.nbk; ++b) {
+      const uint8_t* blk = w.Block<BITS>(t, b);
+      for (int g = 0; g < kQBlock / 4; ++g)
+        for (int i = 0; i < 4; ++i) {
+          int8_t* row = wn[4 * g + i];
+          if (BITS == 8) {
+            for (int c = 0; c < kTile; ++c) row[c] = static_cast<int8_t>(blk[256 * g + 4 * c + i]);
+          } else {
+            for (int c = 0; c < kTile / 2; ++c) {
+              const uint8_t v = blk[128 * g + 4 * c + i];
+              row[c] = static_cast<int8_t>(((v & 15) ^ 8) - 8);
+              row[c + kTile / 2] = static_cast<int8_t>(((v >> 4) ^ 8) - 8);
             }
           }
+        }
+      const float* s = w.Scales(t, b);
+      for (int64_t m = 0; m < M; ++m) {
+        int32_t d[kTile] = {};
+        for (int k = 0; k < kQBlock; ++k) {
+          const int32_t xk = x.q[m * w.K + b * kQBlock + k];
+          for (int c = 0; c < kTile; ++c) d[c] += xk * wn[k][c];
+        }
         const float xs = x.scale[m * w.nbk + b];
-        const float* s = w.Scales(t, b);
-        for (int c = 0; c < kTile; ++c) f[c] += static_cast<float>(d[c]) * (xs * s[c]);
+        float* fm = f.data() + m * kTile;
+        for (int c = 0; c < kTile; ++c) fm[c] += static_cast<float>(d[c]) * (xs * s[c]);
       }
-      std::memcpy(y + m * w.n + t * kTile, f, sizeof(float) * w.Width(t));
     }
+    for (int64_t m = 0; m < M; ++m) std::memcpy(y + m * w.n + t * kTile, f.data() + m * kTile, sizeof(float) * w.Width(t));
+  }
 }
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__) && defined(__GLIBC__)
