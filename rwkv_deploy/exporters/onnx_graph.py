@@ -239,7 +239,7 @@ class WeightWriter:
         library's CPU kernels), instead of MatMul and DequantizeLinear + MatMul."""
         self.path, self.external = path, external
         self.digests: dict[str, str] | None = {} if path is None else None
-        # (ModelProto without weights, initializer names it uses, file to write, those it reads as int4 pairs)
+        # (ModelProto without weights, initializer names it uses, file to write)
         self.graphs = []
         self.uses: dict[str, list[tuple[str, object]]] = {}  # weight -> [(initializer name, fold model or None)]
         self.bytes_written = 0
