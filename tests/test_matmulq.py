@@ -93,8 +93,8 @@ def test_shapes_that_do_not_multiply_are_an_error_not_a_crash(library):
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 @pytest.mark.parametrize("version", ["4", "7"])
 def test_fused_quantized_exports_multiply_with_the_kernels(exported, version, precision):
-    """The step and prefill graphs' products are MatMulQ nodes on the same initializers (int4: seen as uint8
-    pairs); the certificate and its weights check pass, and the logits sit where the portable export's do."""
+    """The step and prefill graphs' products are MatMulQ nodes on the same initializers, stored in the kernels'
+    tiles; the certificate and its weights check pass, and the logits sit where the portable export's do."""
     out = exported(version, precision, "fused")
     m = json.loads((out / "manifest.json").read_text())
     bits = {"int8": 8, "int4": 4}[precision]
@@ -130,6 +130,23 @@ def test_fused_quantized_exports_multiply_with_the_kernels(exported, version, pr
     assert normalised(ours, ref) <= 1e-5
     last = np.asarray(session.prefill(tokens, session.init_state(2))[0])  # [2, vocab]: the last position's
     assert normalised(last, ref[:, -1]) <= 1e-5
+
+
+def test_weights_are_checked_in_the_form_the_manifest_names(exported):
+    """verify holds a fused export's quantized weights to the tiles because its quantization.method names them; a
+    fused export written before the tiles ("DequantizeLinear" there) kept the row order, which the library it
+    shipped with reads, and is checked in that order. Told the other form, every quantized weight differs."""
+    from rwkv_deploy.models import load_checkpoint
+    from rwkv_deploy.runtime.manifest import read_manifest
+    from rwkv_deploy.validation.compare import check_weights
+
+    m = read_manifest(exported("7", "int4", "fused"))
+    ckpt = load_checkpoint(m["source"]["path"])
+    assert check_weights(m, ckpt)["checked"] and not check_weights(m, ckpt)["differ"]
+    q = m["quantization"]
+    q["method"] = q["method"].replace("rwkv::MatMulQ8/MatMulQ4, tiles of 64 columns", "DequantizeLinear, opset 21")
+    differ = check_weights(m, ckpt)["differ"]
+    assert {n for n in differ if n.endswith("~q")} == {f"{t}~q" for t in q["tensors"]}
 
 
 def test_a_cpu_without_the_vector_paths_is_told_to_use_portable(exported, monkeypatch, caplog):

@@ -159,8 +159,8 @@ def register_for_export() -> None:
     for op, q in QUANTIZED_PRODUCTS.items():
         if not onnx.defs.has(op, DOMAIN):
             onnx.defs.register_schema(onnx.defs.OpSchema(
-                op, DOMAIN, OPSET, doc=f"y = x W with W blockwise-quantized ({op}), stored in tiles of 64 columns; "
-                "see custom_ops/cpu/wkv_ops.cc", inputs=[P("x", "T"), P("q", "Q"), P("scale", "T")],
+                op, DOMAIN, OPSET, doc=f"y = x W with W blockwise-quantized ({op}; q in [-127, 127], int4 [-8, 7]), stored "
+                "in tiles of 64 columns; see custom_ops/cpu/wkv_ops.cc", inputs=[P("x", "T"), P("q", "Q"), P("scale", "T")],
                 outputs=[P("y", "T")],
                 type_constraints=[("T", ["tensor(float)"], "float32"), ("Q", [q], "the stored integers")],
                 attributes=[onnx.defs.OpSchema.Attribute("n", onnx.defs.OpSchema.AttrType.INT, "y's columns")]))

@@ -329,10 +329,11 @@ def check_weights(m, ckpt) -> dict:
     from ..exporters.export import weight_digests
     from ..models.quant import manifest_quant
 
-    ops = ((m.get("requires") or {}).get("custom_ops") or {}).get("ops") or []
-    matmul = "cpu" if any(op.startswith("MatMulQ") for op in ops) else "portable"  # its quantized weights in tiles
+    # rwkv::MatMulQ8/Q4's weights are in tiles since the method says so; fused exports written before keep the row
+    # order (and run with the library they shipped with)
+    tiles = "tiles of 64 columns" in ((m.get("quantization") or {}).get("method") or "")
     expected = weight_digests(ckpt, m["precision"], m.get("wkv", "portable"), m.get("opset", 18), manifest_quant(m),
-                              matmul)
+                              "cpu" if tiles else "portable")
     actual = export_weight_digests(m)
     missing = {n for n in expected if n not in actual}
     unexpected = {n for n in actual if n not in expected}

@@ -387,7 +387,8 @@ Ort::Status WKV7(OrtKernelContext* ctx, const Tensor<float>& r, const Tensor<flo
 // ---- rwkv::MatMulQ8 / rwkv::MatMulQ4: y [..., n] = x [..., K] W for fused int8/int4 exports (models/quant.py) ----
 //   rwkv::MatMulQ8(x float[..., K], q int8[T, K/32, 2048],  scale float[T, K/32, 64]; int n) -> y float[..., n]
 //   rwkv::MatMulQ4(x float[..., K], q uint8[T, K/32, 1024], scale float[T, K/32, 64]; int n) -> y float[..., n]
-// W[k, c] = q[k, c] * scale[k / 32, c] (DequantizeLinear's blocks of 32 along K), stored in tiles of 64 columns:
+// W[k, c] = q[k, c] * scale[k / 32, c] (DequantizeLinear's blocks of 32 along K; q in [-127, 127], int4 [-8, 7]:
+// the AVX2 path cannot negate -128, which models/quant.py never writes), stored in tiles of 64 columns:
 // T = ceil(n / 64), the last tile padded with zero weights and scales (exporters/onnx_graph.py's `tiled` writes
 // them). Tile t holds every block of columns 64t .. 64t + 63 in turn, so a task that takes a run of tiles reads one
 // stretch of memory: in DequantizeLinear's row order each of two threads read 192 bytes of every 768-column int4
@@ -549,10 +550,10 @@ PLAIN_CLONES void TilesPlain4(const QWeights& w, int64_t ta, int64_t tb, int64_t
 }
 
 #ifdef RWKV_VNNI
-#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi")))
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
 bool HasVnni() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+                         __builtin_cpu_supports("avx512vnni");
   return ok;
 }
 
@@ -686,7 +687,7 @@ AVX2_TARGET void TilesAvx2(const QWeights& w, int64_t ta, int64_t tb, int64_t M,
 }
 
 #ifdef RWKV_AMX
-#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,amx-tile,amx-int8")))
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,amx-tile,amx-int8")))
 bool HasAmx() {
   static const bool ok = [] {
     unsigned a, b, c, d;
@@ -846,7 +847,7 @@ struct MatMulQ {
                      "columns runs with the library it shipped with");
     Shape xs = x.Shape();
     const Shape& qs = q.Shape();
-    const int64_t T = (n + kTile - 1) / kTile;
+    const int64_t T = n / kTile + (n % kTile != 0);  // ceil, without overflow for any n
     if (xs.empty() || qs.size() != 3 || qs[0] != T || qs[2] != kBlockBytes<BITS> || xs.back() != qs[1] * kQBlock ||
         qs[1] == 0)
       return Invalid(op + ": x " + Str(xs) + " and q " + Str(qs) + " do not multiply (q [ceil(n / 64), K / 32, " +
@@ -914,7 +915,7 @@ struct HPart {
 };
 
 // Any CPU: row by row through w, the conversion and the multiply-adds over the columns vectorize (built for AVX2
-// and the baseline, as QColumns).
+// and the baseline, as TilesPlain8/4).
 PLAIN_CLONES void HProducts(const HPart& p) {
   std::vector<float> wk(p.nb - p.na);
   for (int64_t k = 0; k < p.K; ++k) {
