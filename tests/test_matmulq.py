@@ -137,6 +137,7 @@ def test_weights_are_checked_in_the_form_the_manifest_names(exported):
     fused export written before the tiles ("DequantizeLinear" there) kept the row order, which the library it
     shipped with reads, and is checked in that order. Told the other form, every quantized weight differs."""
     from rwkv_deploy.models import load_checkpoint
+    from rwkv_deploy.models.quant import TILED_FORM
     from rwkv_deploy.runtime.manifest import read_manifest
     from rwkv_deploy.validation.compare import check_weights
 
@@ -144,7 +145,7 @@ def test_weights_are_checked_in_the_form_the_manifest_names(exported):
     ckpt = load_checkpoint(m["source"]["path"])
     assert check_weights(m, ckpt)["checked"] and not check_weights(m, ckpt)["differ"]
     q = m["quantization"]
-    q["method"] = q["method"].replace("rwkv::MatMulQ8/MatMulQ4, tiles of 64 columns", "DequantizeLinear, opset 21")
+    q["method"] = q["method"].replace(TILED_FORM, "DequantizeLinear, opset 21")
     differ = check_weights(m, ckpt)["differ"]
     assert {n for n in differ if n.endswith("~q")} == {f"{t}~q" for t in q["tensors"]}
 

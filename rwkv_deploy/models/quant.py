@@ -27,6 +27,8 @@ QUANTIZED = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att
              "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 # RWKV-7's LoRA factors: products x @ W, so W is [in, out] (the projections above are F.linear's [out, in])
 LORA = ("att.w1", "att.w2", "att.a1", "att.a2", "att.v1", "att.v2", "att.g1", "att.g2")
+# how quantization.method names the form rwkv::MatMulQ8/Q4 read; exports from before it stored DequantizeLinear's rows
+TILED_FORM = "rwkv::MatMulQ8/MatMulQ4, tiles of 64 columns"
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class Quant:
         whether its products are rwkv::MatMulQ8/MatMulQ4 (weights in their tiles) rather than DequantizeLinear."""
         head = f", the head int{self.head_bits}" if self.head_bits and self.head_bits != self.bits else ""
         factors = f", LoRA factors int{self.lora_bits}" if self.lora_bits and lora else ""
-        form = "rwkv::MatMulQ8/MatMulQ4, tiles of 64 columns" if kernels else "DequantizeLinear, opset 21"
+        form = TILED_FORM if kernels else "DequantizeLinear, opset 21"
         return f"blockwise symmetric int{self.bits}{head}{factors} ({form})"
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:

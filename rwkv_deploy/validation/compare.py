@@ -327,11 +327,11 @@ def check_weights(m, ckpt) -> dict:
     if m["format"] == "rwkv-deploy/1":  # written by the constant-folding exporter: other initializer names
         return {"skipped": "weights not compared with the checkpoint: a format-1 export (re-export to compare)"}
     from ..exporters.export import weight_digests
-    from ..models.quant import manifest_quant
+    from ..models.quant import TILED_FORM, manifest_quant
 
-    # rwkv::MatMulQ8/Q4's weights are in tiles since the method says so; fused exports written before keep the row
+    # rwkv::MatMulQ8/Q4's weights are in tiles where the method says so; fused exports written before keep the row
     # order (and run with the library they shipped with)
-    tiles = "tiles of 64 columns" in ((m.get("quantization") or {}).get("method") or "")
+    tiles = TILED_FORM in ((m.get("quantization") or {}).get("method") or "")
     expected = weight_digests(ckpt, m["precision"], m.get("wkv", "portable"), m.get("opset", 18), manifest_quant(m),
                               "cpu" if tiles else "portable")
     actual = export_weight_digests(m)

@@ -417,10 +417,6 @@ struct QView {  // the kernels' rows of a QRows
   const int32_t* sum;
 };
 
-QView RowsFrom(const QRows& x, int64_t m0, int64_t K) {
-  return {x.q.data() + m0 * K, x.scale.data() + m0 * (K / kQBlock), x.sum.data() + m0 * (K / kQBlock)};
-}
-
 #ifdef RWKV_VNNI
 
 // QuantizeRows' arithmetic 16 lanes at a time: the same IEEE division and round half to even, so the same values.
@@ -864,7 +860,7 @@ struct MatMulQ {
 #ifdef RWKV_AMX
     if (path == QPath::kAmx && M >= kAmxRows) rows.q.resize((M + 15) / 16 * 16 * K, 0);  // whole tiles of 16 rows
 #endif
-    const QView xv = RowsFrom(rows, 0, K);
+    const QView xv{rows.q.data(), rows.scale.data(), rows.sum.data()};
     const int64_t tasks = ColumnTasks(T);
     auto body = [&](size_t task) {
       const int64_t ta = T * static_cast<int64_t>(task) / tasks, tb = T * (static_cast<int64_t>(task) + 1) / tasks;
