@@ -153,9 +153,10 @@ def register_for_export() -> None:
     P = onnx.defs.OpSchema.FormalParameter
     if not onnx.defs.has("MatMulF16", DOMAIN):
         onnx.defs.register_schema(onnx.defs.OpSchema(
-            "MatMulF16", DOMAIN, OPSET, doc="y = x W, float16 in and out, float32 sums; see custom_ops/cpu/wkv_ops.cc",
-            inputs=[P("x", "T"), P("w", "T")], outputs=[P("y", "T")],
-            type_constraints=[("T", ["tensor(float16)"], "float16")]))
+            "MatMulF16", DOMAIN, OPSET, doc="y = x W, float16 in and out, float32 sums, W stored in tiles of 64 "
+            "columns; see custom_ops/cpu/wkv_ops.cc", inputs=[P("x", "T"), P("w", "T")], outputs=[P("y", "T")],
+            type_constraints=[("T", ["tensor(float16)"], "float16")],
+            attributes=[onnx.defs.OpSchema.Attribute("n", onnx.defs.OpSchema.AttrType.INT, "y's columns")]))
     for op, q in QUANTIZED_PRODUCTS.items():
         if not onnx.defs.has(op, DOMAIN):
             onnx.defs.register_schema(onnx.defs.OpSchema(

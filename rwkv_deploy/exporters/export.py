@@ -189,7 +189,7 @@ def weight_digests(ckpt, precision: str, wkv: str = "portable", opset: int = 18,
     export writes them (same preparation, folds and dtype) without writing anything. verify holds an export's
     weights to these: a damaged or substituted weight shows at any model size, where at 2.9B and fp16 its effect
     on the logits can sit within a few times the precision's own noise. matmul: "cpu" where the export's products
-    are rwkv::MatMulQ8/MatMulQ4 (their weights are stored in tiles)."""
+    are rwkv::MatMulF16/Q8/Q4 (their weights are stored in tiles)."""
     import tempfile
 
     dtype, default = PRECISIONS[precision]

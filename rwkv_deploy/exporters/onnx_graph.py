@@ -234,9 +234,9 @@ class WeightWriter:
     def __init__(self, path: Path | None, external: bool, quant=None, quantizable=None, kernels: bool = False):
         """path: the external-data file to write; None computes digests instead of writing anything (`digests`:
         initializer name -> sha256 of the bytes it would have), which is how verify checks an export's weights.
-        kernels (`export --matmul cpu`): products of float16 weights become rwkv::MatMulF16 nodes and quantized ones
-        rwkv::MatMulQ8/MatMulQ4 on q and scale stored in the kernels' tiles of 64 columns (`tiled`; the custom-op
-        library's CPU kernels), instead of MatMul and DequantizeLinear + MatMul."""
+        kernels (`export --matmul cpu`): products of float16 weights become rwkv::MatMulF16 nodes on W stored in
+        tiles of 64 columns (`half_tiled`) and quantized ones rwkv::MatMulQ8/MatMulQ4 on q and scale stored in tiles
+        too (`tiled`; the custom-op library's CPU kernels), instead of MatMul and DequantizeLinear + MatMul."""
         self.path, self.external = path, external
         self.digests: dict[str, str] | None = {} if path is None else None
         # (ModelProto without weights, initializer names it uses, file to write)
@@ -303,8 +303,9 @@ class WeightWriter:
             for o in proto.opset_import:  # blocked DequantizeLinear and INT4 came with opset 21
                 if o.domain in ("", "ai.onnx"):
                     o.version = max(o.version, 21)
-        elif self.kernels and half_kernels:
-            keep = _half_products(keep, weights, source, rename)
+        tiles: set[str] = set()
+        if self.quant is None and self.kernels:
+            keep, tiles = _half_products(keep, weights, source, rename, half_kernels)
         from ..custom_ops import CPU_PRODUCTS
         from ..custom_ops.torch_ops import DOMAIN, OPSET, register_for_export
 
@@ -317,7 +318,8 @@ class WeightWriter:
         del g.input[:]
         g.input.extend(inputs)
         names = {rename.get(v, v) for v in used if v in source}
-        names = {x for n in names for x in ((f"{n}~q", f"{n}~s") if n in self.quantized else (n,))}
+        names = {x for n in names for x in ((f"{n}~q", f"{n}~s") if n in self.quantized else
+                                            (f"{n}~t",) if n in tiles else (n,))}
         self.graphs.append((proto, names, path))
 
     def _dequantize(self, nodes, weights, source, rename) -> list:
@@ -381,6 +383,7 @@ class WeightWriter:
         from onnx.reference import ReferenceEvaluator
 
         done, total, written = 0, len(self.uses), set()
+        needed = {x for _, names, _ in self.graphs for x in names}
         with ExitStack() as stack:
             data = stack.enter_context(open(self.path, "wb")) if self.external and self.path else None
             files = []
@@ -406,7 +409,10 @@ class WeightWriter:
                         arr = arr.transpose(list(fold.graph.node[0].attribute[0].ints))
                     elif fold is not None:
                         arr = ReferenceEvaluator(fold).run(None, {fold.graph.input[0].name: arr})[0]
-                    self._emit(name, arr, data, files, written)
+                    if f"{name}~t" in needed:  # rwkv::MatMulF16's (and the prefill graph's, put back by its nodes)
+                        self._emit(f"{name}~t", half_tiled(arr), data, files, written)
+                    if name in needed or f"{name}~t" not in needed:
+                        self._emit(name, arr, data, files, written)
                     del arr
                 del t
                 release_freed_memory()
@@ -449,21 +455,76 @@ class WeightWriter:
         written.add(name)
 
 
-def _half_products(nodes, weights, source, rename) -> list:
-    """nodes with every MatMul whose B is a float16 weight of rank 2 (read as it is or transposed by a fold) an
-    rwkv::MatMulF16 on the same initializer: it reads the stored float16 where ONNX Runtime's CPU provider widens
-    such weights to float32 at load."""
+def _half_products(nodes, weights, source, rename, in_kernel: bool) -> tuple[list, set[str]]:
+    """(nodes, the initializers they now read as tiles): every float16 weight of rank 2 (read as it is or transposed
+    by a fold) that only MatMuls read, as B, is stored in rwkv::MatMulF16's tiles (`half_tiled`), once for every
+    graph. in_kernel: its MatMuls become rwkv::MatMulF16 on the tiles, which reads the stored float16 where ONNX
+    Runtime's CPU provider widens such weights to float32 at load; otherwise (prefill: at 256 rows ONNX Runtime's
+    GEMM on its widened copy is the faster) the MatMul takes W put back from the tiles by Transpose, Reshape and
+    Slice, nodes on initializers alone that ONNX Runtime folds at load."""
     import onnx
     from onnx import helper
 
     from ..custom_ops.torch_ops import DOMAIN
 
-    half = {rename.get(v, v) for v, (w, chain) in source.items()
-            if weights[w].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-            and len(weights[w].type.tensor_type.shape.dim) == 2
-            and (not chain or (len(chain) == 1 and chain[0].op_type == "Transpose"))}
-    return [helper.make_node("MatMulF16", list(n.input), list(n.output), name=n.name, domain=DOMAIN)
-            if n.op_type == "MatMul" and n.input[1] in half else n for n in nodes]
+    half = {}  # initializer name -> [K, N] of the product's B
+    for v, (w, chain) in source.items():
+        t = weights[w].type.tensor_type
+        dims = [d.dim_value for d in t.shape.dim]
+        if t.elem_type != onnx.TensorProto.FLOAT16 or len(dims) != 2:
+            continue
+        if not chain:
+            half[w] = dims
+        elif len(chain) == 1 and chain[0].op_type == "Transpose" and v in rename:
+            half[rename[v]] = dims[::-1]
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i, x in enumerate(n.input):
+            consumers.setdefault(x, []).append((n.op_type, i))
+    half = {name: d for name, d in half.items()
+            if consumers.get(name) and all(c == ("MatMul", 1) for c in consumers[name])}
+    out = []
+    for n in nodes:
+        name = n.input[1] if n.op_type == "MatMul" else None
+        if name not in half:
+            out.append(n)
+            continue
+        K, N = half[name]
+        if in_kernel:
+            out.append(helper.make_node("MatMulF16", [n.input[0], f"{name}~t"], list(n.output), name=n.name,
+                                        domain=DOMAIN, n=N))
+            continue
+        if all(f"{name}~w" not in m.output for m in out):  # once per weight, however many products read it
+            out += _untiled(f"{name}~t", f"{name}~w", K, N)
+        n.input[1] = f"{name}~w"
+        out.append(n)
+    return out, set(half)
+
+
+def half_tiled(w: np.ndarray) -> np.ndarray:
+    """W [K, N] -> rwkv::MatMulF16's tiles [T, K, 64], T = ceil(N / 64): tile t holds columns 64t..64t+63 of every
+    row, the last tile padded with zeros (custom_ops/cpu/wkv_ops.cc)."""
+    K, N = w.shape
+    T = -(-N // TILE_COLUMNS)
+    padded = np.zeros((K, T * TILE_COLUMNS), w.dtype)
+    padded[:, :N] = w
+    return np.ascontiguousarray(padded.reshape(K, T, TILE_COLUMNS).transpose(1, 0, 2))  # [T, K, 64]
+
+
+def _untiled(tiles: str, out: str, K: int, N: int) -> list:
+    """Nodes that put W [K, N] back from `half_tiled`'s tiles [T, K, 64]."""
+    from onnx import helper, numpy_helper
+
+    T = -(-N // TILE_COLUMNS)
+    const = lambda name, v: helper.make_node("Constant", [], [name],  # noqa: E731
+                                             value=numpy_helper.from_array(np.array(v, np.int64)))
+    nodes = [helper.make_node("Transpose", [tiles], [f"{out}/kt"], perm=[1, 0, 2]),  # [K, T, 64]
+             const(f"{out}/shape", [K, T * TILE_COLUMNS]),
+             helper.make_node("Reshape", [f"{out}/kt", f"{out}/shape"], [f"{out}/padded" if N % TILE_COLUMNS else out])]
+    if N % TILE_COLUMNS:  # the last tile's padding
+        nodes += [const(f"{out}/starts", [0]), const(f"{out}/ends", [N]), const(f"{out}/axes", [1]),
+                  helper.make_node("Slice", [f"{out}/padded", f"{out}/starts", f"{out}/ends", f"{out}/axes"], [out])]
+    return nodes
 
 
 TILE_BLOCK, TILE_COLUMNS = 32, 64  # rwkv::MatMulQ8/MatMulQ4's block of K and tile of columns

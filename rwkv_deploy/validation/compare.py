@@ -329,9 +329,9 @@ def check_weights(m, ckpt) -> dict:
     from ..exporters.export import weight_digests
     from ..models.quant import TILED_FORM, manifest_quant
 
-    # rwkv::MatMulQ8/Q4's weights are in tiles where the method says so; fused exports written before keep the row
-    # order (and run with the library they shipped with)
-    tiles = TILED_FORM in ((m.get("quantization") or {}).get("method") or "")
+    # rwkv::MatMulQ8/Q4's weights are in tiles where the method says so, rwkv::MatMulF16's where its nodes carry n;
+    # fused exports written before keep the row order (and run with the library they shipped with)
+    tiles = TILED_FORM in ((m.get("quantization") or {}).get("method") or "") or _f16_tiles(m)
     expected = weight_digests(ckpt, m["precision"], m.get("wkv", "portable"), m.get("opset", 18), manifest_quant(m),
                               "cpu" if tiles else "portable")
     actual = export_weight_digests(m)
@@ -347,6 +347,16 @@ def check_weights(m, ckpt) -> dict:
             "differ": sorted(n for n in expected if n in actual and actual[n] != expected[n]),
             "missing": sorted(missing - renamed),
             "unexpected": sorted(n for n in unexpected if (base(n), actual[n]) not in kept)}
+
+
+def _f16_tiles(m) -> bool:
+    """Whether the step graph's rwkv::MatMulF16 nodes read tiles (they carry n, y's columns) rather than W itself."""
+    import onnx
+
+    if "MatMulF16" not in (((m.get("requires") or {}).get("custom_ops") or {}).get("ops") or []):
+        return False
+    proto = onnx.load(str(m.path("graphs.step.file", m.graph("step")["file"])), load_external_data=False)
+    return any(n.op_type == "MatMulF16" and any(a.name == "n" for a in n.attribute) for n in proto.graph.node)
 
 
 def export_weight_digests(m) -> dict[str, str]:

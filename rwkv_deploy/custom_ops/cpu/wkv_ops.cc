@@ -880,12 +880,15 @@ struct MatMulQ {
   int64_t n = -1;  // y's columns
 };
 
-// ---- rwkv::MatMulF16: y [..., N] = x [..., K] W for fp16 exports on the CPU (--matmul cpu) ----
-//   rwkv::MatMulF16(x float16[..., K], w float16[K, N]) -> y float16[..., N]
+// ---- rwkv::MatMulF16: y [..., n] = x [..., K] W for fp16 exports on the CPU (--matmul cpu) ----
+//   rwkv::MatMulF16(x float16[..., K], w float16[ceil(n / 64), K, 64]) -> y float16[..., n]; attribute n: y's columns
 // ONNX Runtime's CPU provider has no float16 MatMul on x86: it widens float16 weights to float32 once at load
 // and then reads 4 bytes a weight every step. This reads the 2 stored bytes and converts them in registers; the
 // products and their sums are float32 (as a float16 GEMM accumulates), y is rounded to float16 once, to nearest
-// even.
+// even. W is stored in tiles of 64 columns (exporters/onnx_graph.py `half_tiled`: tile t holds columns 64t..64t+63
+// of every row, 128 contiguous bytes a row, the last tile padded with zeros), as MatMulQ's weights are: a task
+// reads one contiguous run per tile, where in W's row order each of two threads read 768 bytes of every row
+// (one thread, 24 products of 768 x 3072 from L3: 15.5 -> 22.4 GB/s at one row).
 
 // float16 bits -> float, exact for every value (checked against F16C over all 65536; a signalling NaN stays
 // signalling, where F16C quiets it) and branch-free, so that the plain loop's conversion vectorizes. Normal values
@@ -902,25 +905,31 @@ inline float HalfToFloat(uint16_t h) {
 enum class HPath { kPlain, kAvx2, kAvx512 };
 const char* const kHPathNames[] = {"plain", "avx2", "avx512"};
 
-// Columns [na, nb) of w's products with M rows of x (K long), added into y (rows of N floats).
+// Tiles [ta, tb) of w's products with M rows of x (K long), written to y (rows of n floats).
 struct HPart {
-  const uint16_t* w;
-  int64_t K, N, na, nb, M;
-  const float* x;
-  float* y;
+  const uint16_t* w;  // [T, K, 64]
+  int64_t K, n, ta, tb, M;
+  const float* x;  // [M, K]
+  float* y;        // [M, n]
+  const uint16_t* Tile(int64_t t) const { return w + t * K * kTile; }
+  int64_t Width(int64_t t) const { return std::min(kTile, n - t * kTile); }
 };
 
-// Any CPU: row by row through w, the conversion and the multiply-adds over the columns vectorize (built for AVX2
-// and the baseline, as TilesPlain8/4).
+// Any CPU: a tile's row converted, then every row of x multiplies it (the loops over its columns vectorize; built
+// for AVX2 and the baseline, as TilesPlain8/4).
 PLAIN_CLONES void HProducts(const HPart& p) {
-  std::vector<float> wk(p.nb - p.na);
-  for (int64_t k = 0; k < p.K; ++k) {
-    const uint16_t* row = p.w + k * p.N + p.na;
-    for (size_t n = 0; n < wk.size(); ++n) wk[n] = HalfToFloat(row[n]);
-    for (int64_t m = 0; m < p.M; ++m) {
-      const float xk = p.x[m * p.K + k];
-      float* ym = p.y + m * p.N + p.na;
-      for (size_t n = 0; n < wk.size(); ++n) ym[n] += xk * wk[n];
+  float wk[kTile];
+  for (int64_t t = p.ta; t < p.tb; ++t) {
+    const uint16_t* tile = p.Tile(t);
+    const int64_t cols = p.Width(t);
+    for (int64_t m = 0; m < p.M; ++m) std::fill_n(p.y + m * p.n + t * kTile, cols, 0.0f);
+    for (int64_t k = 0; k < p.K; ++k) {
+      for (int64_t c = 0; c < cols; ++c) wk[c] = HalfToFloat(tile[k * kTile + c]);
+      for (int64_t m = 0; m < p.M; ++m) {
+        const float xk = p.x[m * p.K + k];
+        float* ym = p.y + m * p.n + t * kTile;
+        for (int64_t c = 0; c < cols; ++c) ym[c] += xk * wk[c];
+      }
     }
   }
 }
@@ -936,122 +945,129 @@ inline void TailMasks(int64_t cols, __mmask16* mask) {
   }
 }
 
-// R rows of x from m0 over kg rows of w from k0, 64 columns from n0: the sums in registers (R is a template
-// argument so that they stay there).
+// One row kk of a tile times R rows of x (each K long), added into sums acc.
 template <int R>
-F16_TARGET __attribute__((always_inline)) inline void HTile(const HPart& p, int64_t m0, int64_t k0, int64_t kg,
-                                                            int64_t n0, const __mmask16* mask) {
-  const int64_t N = p.N, K = p.K;
-  const uint16_t* w = p.w + k0 * N + n0;
-  const float* x = p.x + m0 * K + k0;
-  float* y = p.y + m0 * N + n0;
-  __m512 acc[R][4];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_maskz_loadu_ps(mask[j], y + i * N + 16 * j);
-  for (int64_t kk = 0; kk < kg; ++kk, w += N) {
-    __m512 wv[4];
-    for (int j = 0; j < 4; ++j) wv[j] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask[j], w + 16 * j));
-    for (int i = 0; i < R; ++i) {
-      const __m512 xb = _mm512_set1_ps(x[i * K + kk]);
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(xb, wv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(y + i * N + 16 * j, mask[j], acc[i][j]);
-}
-
-// R rows of x from m0 over kg rows of w from k0, all the part's columns: whole tiles, then the last one masked.
-// The first rows of x also bring the next group's rows of w into L2 (without, the products of a v4 step took
-// 16.3 ms instead of 13.3).
-template <int R>
-F16_TARGET void HGroup(const HPart& p, int64_t m0, int64_t k0, int64_t kg, int64_t ahead) {
-  const __mmask16 full[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
-  int64_t n0 = p.na;
-  for (; n0 + 64 <= p.nb; n0 += 64) {
-    for (int64_t kk = 0; kk < ahead; ++kk) {
-      const char* next = reinterpret_cast<const char*>(p.w + (k0 + kg + kk) * p.N + n0);
-      _mm_prefetch(next, _MM_HINT_T1);
-      _mm_prefetch(next + 64, _MM_HINT_T1);
-    }
-    HTile<R>(p, m0, k0, kg, n0, full);
-  }
-  if (n0 < p.nb) {
-    __mmask16 mask[4];
-    TailMasks(p.nb - n0, mask);
-    HTile<R>(p, m0, k0, kg, n0, mask);
+F16_TARGET __attribute__((always_inline)) inline void HRow(const uint16_t* w, const float* x, int64_t K, int64_t kk,
+                                                           __m512 (&acc)[R][4]) {
+  const uint16_t* wk = w + kk * kTile;
+  _mm_prefetch(reinterpret_cast<const char*>(wk) + 2048, _MM_HINT_T0);  // 16 rows on: 2 KB, as MatMulQ's
+  _mm_prefetch(reinterpret_cast<const char*>(wk) + 2048 + 64, _MM_HINT_T0);
+  __m512 wv[4];
+  for (int j = 0; j < 4; ++j) wv[j] = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(wk + 16 * j)));
+  for (int i = 0; i < R; ++i) {
+    const __m512 xb = _mm512_set1_ps(x[i * K + kk]);
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(xb, wv[j], acc[i][j]);
   }
 }
 
-// R rows of x from m0 over kg rows of a tile already in float32 (64 to a row), 64 columns from n0.
+// R rows of x from m0 times tile t, all K rows, the sums in registers (R is a template argument so that they stay
+// there); one row of x keeps two chains of sums (even and odd k), as one chain waits on each multiply-add.
+template <int R>
+F16_TARGET __attribute__((always_inline)) inline void HTile(const HPart& p, int64_t m0, int64_t t,
+                                                            const __mmask16* mask) {
+  constexpr int C = R == 1 ? 2 : 1;
+  const uint16_t* w = p.Tile(t);
+  const float* x = p.x + m0 * p.K;
+  __m512 acc[C][R][4];
+  for (int c = 0; c < C; ++c)
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < 4; ++j) acc[c][i][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + C <= p.K; k += C)
+    for (int c = 0; c < C; ++c) HRow<R>(w, x, p.K, k + c, acc[c]);
+  if (k < p.K) HRow<R>(w, x, p.K, k, acc[0]);
+  float* y = p.y + m0 * p.n + t * kTile;
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j)
+      _mm512_mask_storeu_ps(y + i * p.n + 16 * j, mask[j], C == 2 ? _mm512_add_ps(acc[0][i][j], acc[C - 1][i][j])
+                                                                  : acc[0][i][j]);
+}
+
+// Row kk of a tile's float16 -> float32.
+F16_TARGET __attribute__((always_inline)) inline void HWiden(const uint16_t* src, float* dst) {
+  for (int j = 0; j < 4; ++j)
+    _mm512_store_ps(dst + 16 * j, _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(src + 16 * j))));
+}
+
+// R rows of x from m0 over kg rows (from k0) of a tile already in float32, 64 columns. Meanwhile the first `widen`
+// rows of the next chunk (from src) are widened into dst, one a row of this one: spread among the multiply-adds,
+// their loads from memory and conversions overlap them (one thread, 16 rows of a 768 x 3072 product: 0.68 -> 0.60 ms
+// with 6 rows of x a group, in turn 0.70).
 template <int R>
 F16_TARGET __attribute__((always_inline)) inline void HTileWide(const HPart& p, int64_t m0, int64_t k0, int64_t kg,
-                                                                int64_t n0, const float* tile, const __mmask16* mask) {
+                                                                int64_t t, const float* tile, const __mmask16* mask,
+                                                                const uint16_t* src, float* dst, int64_t widen) {
   const float* x = p.x + m0 * p.K + k0;
-  float* y = p.y + m0 * p.N + n0;
+  float* y = p.y + m0 * p.n + t * kTile;
   __m512 acc[R][4];
   for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_maskz_loadu_ps(mask[j], y + i * p.N + 16 * j);
-  for (int64_t kk = 0; kk < kg; ++kk, tile += 64)
+    for (int j = 0; j < 4; ++j)
+      acc[i][j] = k0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[j], y + i * p.n + 16 * j);
+  for (int64_t kk = 0; kk < kg; ++kk, tile += kTile) {
+    if (kk < widen) {
+      _mm_prefetch(reinterpret_cast<const char*>(src + (kk + 8) * kTile), _MM_HINT_T0);  // 8 rows on: 1 KB
+      _mm_prefetch(reinterpret_cast<const char*>(src + (kk + 8) * kTile) + 64, _MM_HINT_T0);
+      HWiden(src + kk * kTile, dst + kk * kTile);
+    }
     for (int i = 0; i < R; ++i) {
       const __m512 xb = _mm512_set1_ps(x[i * p.K + kk]);
       for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(xb, _mm512_load_ps(tile + 16 * j), acc[i][j]);
     }
+  }
+  for (int64_t kk = kg; kk < widen; ++kk) HWiden(src + kk * kTile, dst + kk * kTile);
   for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(y + i * p.N + 16 * j, mask[j], acc[i][j]);
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(y + i * p.n + 16 * j, mask[j], acc[i][j]);
 }
 
-// More than 4 rows of x (batched decode): each tile of 64 rows x 64 columns of w is converted once into a
-// contiguous float32 copy that every row of x then reads. Read in place, a tile's rows (strided by the row length)
-// fall into a few of L1's sets and were evicted before the next rows of x came back to them: 16 rows of x took
-// 2.7x as long as 8.
+// More than 4 rows of x (batched decode): each 64 rows of a tile are widened once into float32 (16 KB, in L1)
+// that every row of x then reads, 6 rows of x at a time (4 at a time: 0.60 -> 0.64 ms as above). Converted in
+// registers per row of x instead, the conversions would cost as much as the multiply-adds at 4 rows.
 F16_TARGET void HProductsAvx512Batched(const HPart& p) {
   constexpr int64_t KB = 64;
-  alignas(64) float tile[KB * 64];
-  for (int64_t k0 = 0; k0 < p.K; k0 += KB) {
-    const int64_t kg = std::min(KB, p.K - k0);
-    for (int64_t n0 = p.na; n0 < p.nb; n0 += 64) {
-      __mmask16 mask[4];
-      TailMasks(p.nb - n0, mask);
-      for (int64_t kk = 0; kk < kg; ++kk) {
-        const uint16_t* wk = p.w + (k0 + kk) * p.N + n0;
-        if (n0 + 192 <= p.nb) {  // the same rows two tiles on (16 rows of a v4 step's products: 38 -> 34 ms)
-          _mm_prefetch(reinterpret_cast<const char*>(wk + 128), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(wk + 160), _MM_HINT_T0);
-        }
-        for (int j = 0; j < 4; ++j)
-          _mm512_store_ps(tile + kk * 64 + 16 * j, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask[j], wk + 16 * j)));
-      }
+  alignas(64) float tiles[2][KB * kTile];  // the chunk multiplied and the next one, widened meanwhile
+  for (int64_t kk = 0; kk < std::min(KB, p.K); ++kk) HWiden(p.Tile(p.ta) + kk * kTile, tiles[0] + kk * kTile);
+  int now = 0;
+  for (int64_t t = p.ta; t < p.tb; ++t) {
+    __mmask16 mask[4];
+    TailMasks(p.Width(t), mask);
+    for (int64_t k0 = 0; k0 < p.K; k0 += KB, now ^= 1) {
+      const int64_t kg = std::min(KB, p.K - k0);
+      const bool same = k0 + KB < p.K;  // the next chunk: this tile's next rows or the next tile's first
+      const int64_t nt = same ? t : t + 1, nk = same ? k0 + KB : 0;
+      const uint16_t* src = nt < p.tb ? p.Tile(nt) + nk * kTile : nullptr;
+      const int64_t widen = src ? std::min(KB, p.K - nk) : 0;
+      const float* tile = tiles[now];
+      float* dst = tiles[now ^ 1];
       int64_t m0 = 0;
-      for (; m0 + 4 <= p.M; m0 += 4) HTileWide<4>(p, m0, k0, kg, n0, tile, mask);
-      switch (p.M - m0) {
-        case 3: HTileWide<3>(p, m0, k0, kg, n0, tile, mask); break;
-        case 2: HTileWide<2>(p, m0, k0, kg, n0, tile, mask); break;
-        case 1: HTileWide<1>(p, m0, k0, kg, n0, tile, mask); break;
+      for (; m0 + 6 <= p.M; m0 += 6) HTileWide<6>(p, m0, k0, kg, t, tile, mask, src, dst, m0 == 0 ? widen : 0);
+      for (; m0 + 4 <= p.M; m0 += 4) HTileWide<4>(p, m0, k0, kg, t, tile, mask, src, dst, m0 == 0 ? widen : 0);
+      switch (p.M - m0) {  // p.M > 4: never the first group, which widens
+        case 3: HTileWide<3>(p, m0, k0, kg, t, tile, mask, src, dst, 0); break;
+        case 2: HTileWide<2>(p, m0, k0, kg, t, tile, mask, src, dst, 0); break;
+        case 1: HTileWide<1>(p, m0, k0, kg, t, tile, mask, src, dst, 0); break;
         default: break;
       }
     }
   }
 }
 
-// With AVX-512: rows of w in groups of 4 (one at a time, the sums' loads and stores cost more than the reads: the
-// products of a v4 step took 21 ms instead of 12; 8 or 16 were no faster), each group 4 rows of x at a time.
+// With AVX-512: up to 4 rows of x, a tile at a time, its rows read once for all of them.
 F16_TARGET void HProductsAvx512(const HPart& p) {
   if (p.M > 4) return HProductsAvx512Batched(p);
-  constexpr int64_t KG = 4;
-  for (int64_t k0 = 0; k0 < p.K; k0 += KG) {
-    const int64_t kg = std::min(KG, p.K - k0), ahead = std::min(KG, p.K - k0 - kg);
-    int64_t m0 = 0;
-    for (; m0 + 4 <= p.M; m0 += 4) HGroup<4>(p, m0, k0, kg, m0 == 0 ? ahead : 0);
-    switch (p.M - m0) {
-      case 3: HGroup<3>(p, m0, k0, kg, m0 == 0 ? ahead : 0); break;
-      case 2: HGroup<2>(p, m0, k0, kg, m0 == 0 ? ahead : 0); break;
-      case 1: HGroup<1>(p, m0, k0, kg, m0 == 0 ? ahead : 0); break;
+  for (int64_t t = p.ta; t < p.tb; ++t) {
+    __mmask16 mask[4];
+    TailMasks(p.Width(t), mask);
+    switch (p.M) {
+      case 4: HTile<4>(p, 0, t, mask); break;
+      case 3: HTile<3>(p, 0, t, mask); break;
+      case 2: HTile<2>(p, 0, t, mask); break;
+      case 1: HTile<1>(p, 0, t, mask); break;
       default: break;
     }
   }
 }
 
-// With AVX2, F16C and FMA: 32 columns a tile (the tail columns by the plain loop), otherwise as the AVX-512 path.
+// With AVX2, F16C and FMA: each tile in two halves of 32 columns, rows of x 4 at a time, all K rows in registers.
 #define F16C_TARGET __attribute__((target("avx2,fma,f16c")))
 bool HasF16c() {
   static const bool ok = HasAvx2() && __builtin_cpu_supports("f16c");
@@ -1059,56 +1075,48 @@ bool HasF16c() {
 }
 
 template <int R>
-F16C_TARGET __attribute__((always_inline)) inline void HTile32(const HPart& p, int64_t m0, int64_t k0, int64_t kg,
-                                                               int64_t n0) {
-  const int64_t N = p.N, K = p.K;
-  const uint16_t* w = p.w + k0 * N + n0;
-  const float* x = p.x + m0 * K + k0;
-  float* y = p.y + m0 * N + n0;
+F16C_TARGET __attribute__((always_inline)) inline void HTile32(const HPart& p, int64_t m0, int64_t t, int64_t half,
+                                                               int64_t cols) {
+  const uint16_t* w = p.Tile(t) + 32 * half;
+  const float* x = p.x + m0 * p.K;
   __m256 acc[R][4];
   for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_loadu_ps(y + i * N + 8 * j);
-  for (int64_t kk = 0; kk < kg; ++kk, w += N) {
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < p.K; ++k, w += kTile) {
     __m256 wv[4];
     for (int j = 0; j < 4; ++j)
-      wv[j] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8 * j)));
+      wv[j] = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(w + 8 * j)));
     for (int i = 0; i < R; ++i) {
-      const __m256 xb = _mm256_set1_ps(x[i * K + kk]);
+      const __m256 xb = _mm256_set1_ps(x[i * p.K + k]);
       for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(xb, wv[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + i * N + 8 * j, acc[i][j]);
-}
-
-template <int R>
-F16C_TARGET void HGroup32(const HPart& p, int64_t m0, int64_t k0, int64_t kg, int64_t nb, int64_t ahead) {
-  for (int64_t n0 = p.na; n0 < nb; n0 += 32) {
-    for (int64_t kk = 0; kk < ahead; ++kk)
-      _mm_prefetch(reinterpret_cast<const char*>(p.w + (k0 + kg + kk) * p.N + n0), _MM_HINT_T1);
-    HTile32<R>(p, m0, k0, kg, n0);
+  float* y = p.y + m0 * p.n + t * kTile + 32 * half;
+  alignas(32) float row[32];
+  for (int i = 0; i < R; ++i) {
+    if (cols == 32) {
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + i * p.n + 8 * j, acc[i][j]);
+      continue;
+    }
+    for (int j = 0; j < 4; ++j) _mm256_store_ps(row + 8 * j, acc[i][j]);  // the last tile's columns that exist
+    std::copy_n(row, cols, y + i * p.n);
   }
 }
 
 F16C_TARGET void HProductsAvx2(const HPart& p) {
-  constexpr int64_t KG = 4;
-  const int64_t nb = p.na + (p.nb - p.na) / 32 * 32;
-  for (int64_t k0 = 0; k0 < p.K; k0 += KG) {
-    const int64_t kg = std::min(KG, p.K - k0), ahead = std::min(KG, p.K - k0 - kg);
-    int64_t m0 = 0;
-    for (; m0 + 4 <= p.M; m0 += 4) HGroup32<4>(p, m0, k0, kg, nb, m0 == 0 ? ahead : 0);
-    switch (p.M - m0) {
-      case 3: HGroup32<3>(p, m0, k0, kg, nb, m0 == 0 ? ahead : 0); break;
-      case 2: HGroup32<2>(p, m0, k0, kg, nb, m0 == 0 ? ahead : 0); break;
-      case 1: HGroup32<1>(p, m0, k0, kg, nb, m0 == 0 ? ahead : 0); break;
-      default: break;
+  for (int64_t t = p.ta; t < p.tb; ++t)
+    for (int64_t half = 0; half < 2; ++half) {
+      const int64_t cols = std::min<int64_t>(32, p.Width(t) - 32 * half);
+      if (cols <= 0) break;
+      int64_t m0 = 0;
+      for (; m0 + 4 <= p.M; m0 += 4) HTile32<4>(p, m0, t, half, cols);
+      switch (p.M - m0) {
+        case 3: HTile32<3>(p, m0, t, half, cols); break;
+        case 2: HTile32<2>(p, m0, t, half, cols); break;
+        case 1: HTile32<1>(p, m0, t, half, cols); break;
+        default: break;
+      }
     }
-  }
-  if (nb < p.nb) {
-    HPart tail = p;
-    tail.na = nb;
-    HProducts(tail);
-  }
 }
 
 F16_TARGET int64_t ToHalfAvx512(const float* y, int64_t na, int64_t nb, uint16_t* out) {
@@ -1151,35 +1159,48 @@ void ToHalf(const float* y, int64_t N, int64_t na, int64_t nb, int64_t M, uint16
   }
 }
 
-Ort::Status MatMulF16(OrtKernelContext* ctx, const Tensor<Ort::Float16_t>& x, const Tensor<Ort::Float16_t>& w,
+struct MatMulF16 {
+  MatMulF16(const OrtApi* api, const OrtKernelInfo* info) {
+    if (OrtStatus* missing = api->KernelInfoGetAttribute_int64(info, "n", &n)) api->ReleaseStatus(missing), n = -1;
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<Ort::Float16_t>& x, const Tensor<Ort::Float16_t>& w,
                       Tensor<Ort::Float16_t>& y) {
-  Shape xs = x.Shape();
-  const Shape& ws = w.Shape();
-  if (xs.empty() || ws.size() != 2 || xs.back() != ws[0] || ws[0] == 0)
-    return Invalid("rwkv::MatMulF16: x " + Str(xs) + " and w " + Str(ws) + " do not multiply (w [K, N], K > 0)");
-  const int64_t K = ws[0], N = ws[1], M = x.NumberOfElement() / K;
-  xs.back() = N;
-  auto* out = reinterpret_cast<uint16_t*>(y.Allocate(xs));
-  const auto* xh = reinterpret_cast<const uint16_t*>(x.Data());
-  std::vector<float> xf(M * K), sums(M * N, 0.0f);
-  for (int64_t i = 0; i < M * K; ++i) xf[i] = HalfToFloat(xh[i]);
-  const HPath path = BestHPath();
-  // each task a stretch of columns, so that it also rounds its own outputs
-  const int64_t tiles = (N + 63) / 64, tasks = ColumnTasks(tiles);
-  auto body = [&](size_t task) {
-    const int64_t t = static_cast<int64_t>(task), na = 64 * (tiles * t / tasks);
-    const int64_t nb = std::min(N, 64 * (tiles * (t + 1) / tasks));
-    const HPart part{reinterpret_cast<const uint16_t*>(w.Data()), K, N, na, nb, M, xf.data(), sums.data()};
+    if (n <= 0)
+      return Invalid("rwkv::MatMulF16: no attribute n (the number of columns) or n < 1; an export from before tiles "
+                     "of 64 columns runs with the library it shipped with");
+    Shape xs = x.Shape();
+    const Shape& ws = w.Shape();
+    const int64_t T = n / kTile + (n % kTile != 0);  // ceil, without overflow for any n
+    if (xs.empty() || ws.size() != 3 || ws[0] != T || ws[2] != kTile || xs.back() != ws[1] || ws[1] == 0)
+      return Invalid("rwkv::MatMulF16: x " + Str(xs) + " and w " + Str(ws) + " do not multiply (w [ceil(n / 64), K, " +
+                     "64], K > 0, n = " + std::to_string(n) + ")");
+    const int64_t K = ws[1], M = x.NumberOfElement() / K;
+    xs.back() = n;
+    auto* out = reinterpret_cast<uint16_t*>(y.Allocate(xs));
+    const auto* xh = reinterpret_cast<const uint16_t*>(x.Data());
+    std::vector<float> xf(M * K);
+    std::unique_ptr<float[]> sums(new float[M * n]);  // every path writes each of them before reading it
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = HalfToFloat(xh[i]);
+    const HPath path = BestHPath();
+    // each task a stretch of tiles, so that it also rounds its own outputs
+    const int64_t tasks = ColumnTasks(T);
+    auto body = [&](size_t task) {
+      const int64_t ta = T * static_cast<int64_t>(task) / tasks, tb = T * (static_cast<int64_t>(task) + 1) / tasks;
+      const HPart part{reinterpret_cast<const uint16_t*>(w.Data()), K, n, ta, tb, M, xf.data(), sums.get()};
 #ifdef RWKV_VNNI
-    if (path == HPath::kAvx512) HProductsAvx512(part);
-    if (path == HPath::kAvx2) HProductsAvx2(part);
+      if (path == HPath::kAvx512) HProductsAvx512(part);
+      if (path == HPath::kAvx2) HProductsAvx2(part);
 #endif
-    if (path == HPath::kPlain) HProducts(part);
-    ToHalf(sums.data(), N, na, nb, M, out, path);
-  };
-  ParallelFor(ctx, static_cast<size_t>(tasks), body);
-  return Ort::Status{nullptr};
-}
+      if (path == HPath::kPlain) HProducts(part);
+      ToHalf(sums.get(), n, ta * kTile, std::min(n, tb * kTile), M, out, path);
+    };
+    ParallelFor(ctx, static_cast<size_t>(tasks), body);
+    return Ort::Status{nullptr};
+  }
+
+  int64_t n = -1;  // y's columns
+};
 
 #ifdef RWKV_WITH_CUDA
 // ---- the same operators for ONNX Runtime's CUDA execution provider: kernels in cuda/wkv_kernels.cu ----
@@ -1236,7 +1257,7 @@ void MakeDomain() {
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV7", "CPUExecutionProvider", WKV7));
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulQ<8, int8_t>>("MatMulQ8", "CPUExecutionProvider"));
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulQ<4, uint8_t>>("MatMulQ4", "CPUExecutionProvider"));
-  g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("MatMulF16", "CPUExecutionProvider", MatMulF16));
+  g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulF16>("MatMulF16", "CPUExecutionProvider"));
 #ifdef RWKV_WITH_CUDA
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV4", "CUDAExecutionProvider", WKV4Cuda));
   g_kernels.emplace_back(Ort::Custom::CreateLiteCustomOp("WKV5", "CUDAExecutionProvider", WKV5Cuda));
