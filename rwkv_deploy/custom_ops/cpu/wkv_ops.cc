@@ -953,7 +953,7 @@ F16_TARGET __attribute__((always_inline)) inline void HRow(const uint16_t* w, co
   _mm_prefetch(reinterpret_cast<const char*>(wk) + 2048, _MM_HINT_T0);  // 16 rows on: 2 KB, as MatMulQ's
   _mm_prefetch(reinterpret_cast<const char*>(wk) + 2048 + 64, _MM_HINT_T0);
   __m512 wv[4];
-  for (int j = 0; j < 4; ++j) wv[j] = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(wk + 16 * j)));
+  for (int j = 0; j < 4; ++j) wv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 16 * j)));
   for (int i = 0; i < R; ++i) {
     const __m512 xb = _mm512_set1_ps(x[i * K + kk]);
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(xb, wv[j], acc[i][j]);
@@ -986,7 +986,7 @@ F16_TARGET __attribute__((always_inline)) inline void HTile(const HPart& p, int6
 // Row kk of a tile's float16 -> float32.
 F16_TARGET __attribute__((always_inline)) inline void HWiden(const uint16_t* src, float* dst) {
   for (int j = 0; j < 4; ++j)
-    _mm512_store_ps(dst + 16 * j, _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(src + 16 * j))));
+    _mm512_store_ps(dst + 16 * j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * j))));
 }
 
 // R rows of x from m0 over kg rows (from k0) of a tile already in float32, 64 columns. Meanwhile the first `widen`
@@ -1025,6 +1025,7 @@ F16_TARGET __attribute__((always_inline)) inline void HTileWide(const HPart& p, 
 F16_TARGET void HProductsAvx512Batched(const HPart& p) {
   constexpr int64_t KB = 64;
   alignas(64) float tiles[2][KB * kTile];  // the chunk multiplied and the next one, widened meanwhile
+  if (p.ta >= p.tb) return;
   for (int64_t kk = 0; kk < std::min(KB, p.K); ++kk) HWiden(p.Tile(p.ta) + kk * kTile, tiles[0] + kk * kTile);
   int now = 0;
   for (int64_t t = p.ta; t < p.tb; ++t) {
@@ -1085,7 +1086,7 @@ F16C_TARGET __attribute__((always_inline)) inline void HTile32(const HPart& p, i
   for (int64_t k = 0; k < p.K; ++k, w += kTile) {
     __m256 wv[4];
     for (int j = 0; j < 4; ++j)
-      wv[j] = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(w + 8 * j)));
+      wv[j] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8 * j)));
     for (int i = 0; i < R; ++i) {
       const __m256 xb = _mm256_set1_ps(x[i * p.K + k]);
       for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(xb, wv[j], acc[i][j]);
