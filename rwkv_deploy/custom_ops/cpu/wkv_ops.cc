@@ -916,21 +916,31 @@ struct HPart {
 };
 
 // Any CPU: a tile's row converted, then every row of x multiplies it (the loops over its columns vectorize; built
-// for AVX2 and the baseline, as TilesPlain8/4).
-PLAIN_CLONES void HProducts(const HPart& p) {
+// for AVX2 and the baseline, as TilesPlain8/4). COLS: a whole tile's 64 as a constant trip count, or 0 for the last
+// tile's `cols`. Forced on this CPU, a v4 step's products took 63 ms at one row (53 in W's row order, whose rows
+// ran as long as a task's columns; converting every tile's row k into one run first took 87) and 116 at 16 (250).
+template <int64_t COLS>
+__attribute__((always_inline)) inline void HTilePlain(const HPart& p, int64_t t, int64_t cols) {
+  const int64_t c = COLS ? COLS : cols;
+  const uint16_t* tile = p.Tile(t);
   float wk[kTile];
-  for (int64_t t = p.ta; t < p.tb; ++t) {
-    const uint16_t* tile = p.Tile(t);
-    const int64_t cols = p.Width(t);
-    for (int64_t m = 0; m < p.M; ++m) std::fill_n(p.y + m * p.n + t * kTile, cols, 0.0f);
-    for (int64_t k = 0; k < p.K; ++k) {
-      for (int64_t c = 0; c < cols; ++c) wk[c] = HalfToFloat(tile[k * kTile + c]);
-      for (int64_t m = 0; m < p.M; ++m) {
-        const float xk = p.x[m * p.K + k];
-        float* ym = p.y + m * p.n + t * kTile;
-        for (int64_t c = 0; c < cols; ++c) ym[c] += xk * wk[c];
-      }
+  for (int64_t m = 0; m < p.M; ++m) std::fill_n(p.y + m * p.n + t * kTile, c, 0.0f);
+  for (int64_t k = 0; k < p.K; ++k) {
+    const uint16_t* row = tile + k * kTile;
+    for (int64_t j = 0; j < c; ++j) wk[j] = HalfToFloat(row[j]);
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float xk = p.x[m * p.K + k];
+      float* ym = p.y + m * p.n + t * kTile;
+      for (int64_t j = 0; j < c; ++j) ym[j] += xk * wk[j];
     }
+  }
+}
+
+PLAIN_CLONES void HProducts(const HPart& p) {
+  for (int64_t t = p.ta; t < p.tb; ++t) {
+    const int64_t cols = p.Width(t);
+    if (cols == kTile) HTilePlain<kTile>(p, t, cols);
+    else HTilePlain<0>(p, t, cols);
   }
 }
 
@@ -1075,49 +1085,63 @@ bool HasF16c() {
   return ok;
 }
 
-template <int R>
-F16C_TARGET __attribute__((always_inline)) inline void HTile32(const HPart& p, int64_t m0, int64_t t, int64_t half,
-                                                               int64_t cols) {
-  const uint16_t* w = p.Tile(t) + 32 * half;
+// R rows of x from m0 times Q x 8 columns of tile t from column c0 (cols of them exist), all K rows, the sums in
+// registers; `ahead` brings the rows 2 KB on into L1 (the first pass over a tile's rows).
+template <int R, int Q>
+F16C_TARGET __attribute__((always_inline)) inline void HTileAvx2(const HPart& p, int64_t m0, int64_t t, int64_t c0,
+                                                                 int64_t cols, bool ahead) {
+  const uint16_t* w = p.Tile(t) + c0;
   const float* x = p.x + m0 * p.K;
-  __m256 acc[R][4];
+  __m256 acc[R][Q];
   for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int j = 0; j < Q; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < p.K; ++k, w += kTile) {
-    __m256 wv[4];
-    for (int j = 0; j < 4; ++j)
+    if (ahead) {
+      _mm_prefetch(reinterpret_cast<const char*>(w - c0) + 2048, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w - c0) + 2048 + 64, _MM_HINT_T0);
+    }
+    __m256 wv[Q];
+    for (int j = 0; j < Q; ++j)
       wv[j] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8 * j)));
     for (int i = 0; i < R; ++i) {
       const __m256 xb = _mm256_set1_ps(x[i * p.K + k]);
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(xb, wv[j], acc[i][j]);
+      for (int j = 0; j < Q; ++j) acc[i][j] = _mm256_fmadd_ps(xb, wv[j], acc[i][j]);
     }
   }
-  float* y = p.y + m0 * p.n + t * kTile + 32 * half;
-  alignas(32) float row[32];
+  float* y = p.y + m0 * p.n + t * kTile + c0;
+  alignas(32) float row[8 * Q];
   for (int i = 0; i < R; ++i) {
-    if (cols == 32) {
-      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + i * p.n + 8 * j, acc[i][j]);
+    if (cols == 8 * Q) {
+      for (int j = 0; j < Q; ++j) _mm256_storeu_ps(y + i * p.n + 8 * j, acc[i][j]);
       continue;
     }
-    for (int j = 0; j < 4; ++j) _mm256_store_ps(row + 8 * j, acc[i][j]);  // the last tile's columns that exist
+    for (int j = 0; j < Q; ++j) _mm256_store_ps(row + 8 * j, acc[i][j]);  // the last tile's columns that exist
     std::copy_n(row, cols, y + i * p.n);
   }
 }
 
+// With AVX2, F16C and FMA: one row of x takes a whole tile a pass (8 chains of sums); more, each tile in two
+// halves of 32 columns (16 registers), rows of x 4 at a time. Forced on this CPU, a v4 step's products at one row:
+// 11.1 ms (13.1 in W's row order; 20.1 in halves without the prefetch); 16 rows 37 (92).
 F16C_TARGET void HProductsAvx2(const HPart& p) {
-  for (int64_t t = p.ta; t < p.tb; ++t)
+  for (int64_t t = p.ta; t < p.tb; ++t) {
+    if (p.M == 1) {
+      HTileAvx2<1, 8>(p, 0, t, 0, p.Width(t), true);
+      continue;
+    }
     for (int64_t half = 0; half < 2; ++half) {
-      const int64_t cols = std::min<int64_t>(32, p.Width(t) - 32 * half);
+      const int64_t c0 = 32 * half, cols = std::min<int64_t>(32, p.Width(t) - c0);
       if (cols <= 0) break;
       int64_t m0 = 0;
-      for (; m0 + 4 <= p.M; m0 += 4) HTile32<4>(p, m0, t, half, cols);
+      for (; m0 + 4 <= p.M; m0 += 4) HTileAvx2<4, 4>(p, m0, t, c0, cols, m0 == 0 && half == 0);
       switch (p.M - m0) {
-        case 3: HTile32<3>(p, m0, t, half, cols); break;
-        case 2: HTile32<2>(p, m0, t, half, cols); break;
-        case 1: HTile32<1>(p, m0, t, half, cols); break;
+        case 3: HTileAvx2<3, 4>(p, m0, t, c0, cols, m0 == 0 && half == 0); break;
+        case 2: HTileAvx2<2, 4>(p, m0, t, c0, cols, m0 == 0 && half == 0); break;
+        case 1: HTileAvx2<1, 4>(p, m0, t, c0, cols, m0 == 0 && half == 0); break;
         default: break;
       }
     }
+  }
 }
 
 F16_TARGET int64_t ToHalfAvx512(const float* y, int64_t na, int64_t nb, uint16_t* out) {
