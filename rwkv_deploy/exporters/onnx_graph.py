@@ -333,17 +333,10 @@ class WeightWriter:
 
         from ..custom_ops.torch_ops import DOMAIN
 
-        # initializer name -> (weight, whether the graph reads it transposed)
-        products = {rename[v]: (w, True) for v, (w, chain) in source.items() if v in rename and len(chain) == 1
-                    and chain[0].op_type == "Transpose"}
-        products |= {w: (w, False) for w in weights}
-        consumers: dict[str, list] = {}
-        for n in nodes:
-            for i, x in enumerate(n.input):
-                consumers.setdefault(x, []).append((n.op_type, i))
+        products, consumers = _products(weights, source, rename), _consumers(nodes)
         dims = {w: [d.dim_value for d in v.type.tensor_type.shape.dim] for w, v in weights.items()}
         picked = {name: self.quantizable(w, dims[w], transposed) for name, (w, transposed) in products.items()
-                  if all(c == ("MatMul", 1) for c in consumers.get(name, [("none", 0)]))}
+                  if _read_as_b(consumers, name)}
         picked = {name: q for name, q in picked.items() if q is not None}
         self.quantized |= picked
         self.direct |= {name for name in picked if not products[name][1]}
@@ -467,23 +460,14 @@ def _half_products(nodes, weights, source, rename, in_kernel: bool) -> tuple[lis
 
     from ..custom_ops.torch_ops import DOMAIN
 
+    consumers = _consumers(nodes)
     half = {}  # initializer name -> [K, N] of the product's B
-    for v, (w, chain) in source.items():
+    for name, (w, transposed) in _products(weights, source, rename).items():
         t = weights[w].type.tensor_type
         dims = [d.dim_value for d in t.shape.dim]
-        if t.elem_type != onnx.TensorProto.FLOAT16 or len(dims) != 2:
-            continue
-        if not chain:
-            half[w] = dims
-        elif len(chain) == 1 and chain[0].op_type == "Transpose" and v in rename:
-            half[rename[v]] = dims[::-1]
-    consumers: dict[str, list] = {}
-    for n in nodes:
-        for i, x in enumerate(n.input):
-            consumers.setdefault(x, []).append((n.op_type, i))
-    half = {name: d for name, d in half.items()
-            if consumers.get(name) and all(c == ("MatMul", 1) for c in consumers[name])}
-    out = []
+        if t.elem_type == onnx.TensorProto.FLOAT16 and len(dims) == 2 and _read_as_b(consumers, name):
+            half[name] = dims[::-1] if transposed else dims
+    out, untiled = [], set()
     for n in nodes:
         name = n.input[1] if n.op_type == "MatMul" else None
         if name not in half:
@@ -494,11 +478,34 @@ def _half_products(nodes, weights, source, rename, in_kernel: bool) -> tuple[lis
             out.append(helper.make_node("MatMulF16", [n.input[0], f"{name}~t"], list(n.output), name=n.name,
                                         domain=DOMAIN, n=N))
             continue
-        if all(f"{name}~w" not in m.output for m in out):  # once per weight, however many products read it
+        if name not in untiled:  # once per weight, however many products read it
+            untiled.add(name)
             out += _untiled(f"{name}~t", f"{name}~w", K, N)
         n.input[1] = f"{name}~w"
         out.append(n)
     return out, set(half)
+
+
+def _products(weights, source, rename) -> dict[str, tuple[str, bool]]:
+    """Initializer name -> (weight, whether the graph reads it transposed): every weight as it is, and those a
+    one-node Transpose fold reads."""
+    products = {rename[v]: (w, True) for v, (w, chain) in source.items() if v in rename and len(chain) == 1
+                and chain[0].op_type == "Transpose"}
+    return products | {w: (w, False) for w in weights}
+
+
+def _consumers(nodes) -> dict[str, list[tuple[str, int]]]:
+    """Value -> (op type, input index) of every node that reads it."""
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i, x in enumerate(n.input):
+            consumers.setdefault(x, []).append((n.op_type, i))
+    return consumers
+
+
+def _read_as_b(consumers, name: str) -> bool:
+    """Whether `name` is read, and only as a MatMul's B input."""
+    return all(c == ("MatMul", 1) for c in consumers.get(name, [("none", 0)]))
 
 
 def half_tiled(w: np.ndarray) -> np.ndarray:

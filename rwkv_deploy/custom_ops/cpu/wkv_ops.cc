@@ -829,21 +829,36 @@ QPath BestPath() {
 // benchmarks run each on one CPU; read per call, a few hundred nanoseconds against tens of microseconds).
 QPath Path() { return std::min(BestPath(), Cap()); }
 
-template <int BITS, typename QT>
-struct MatMulQ {
-  MatMulQ(const OrtApi* api, const OrtKernelInfo* info) {
+// The products whose weights are stored in tiles of 64 columns (MatMulQ8/Q4, MatMulF16): attribute n, y's columns,
+// read once when the session loads.
+struct TiledProduct {
+  TiledProduct(const OrtApi* api, const OrtKernelInfo* info) {
     if (OrtStatus* missing = api->KernelInfoGetAttribute_int64(info, "n", &n)) api->ReleaseStatus(missing), n = -1;
   }
+
+  // T = ceil(n / 64), the number of tiles, or an error when the node has no n.
+  Ort::Status Tiles(const std::string& op, int64_t& T) const {
+    if (n <= 0)
+      return Invalid(op + ": no attribute n (the number of columns) or n < 1; an export from before tiles of 64 " +
+                     "columns runs with the library it shipped with");
+    T = n / kTile + (n % kTile != 0);  // without overflow for any n
+    return Ort::Status{nullptr};
+  }
+
+  int64_t n = -1;  // y's columns
+};
+
+template <int BITS, typename QT>
+struct MatMulQ : TiledProduct {
+  using TiledProduct::TiledProduct;
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<QT>& q, const Tensor<float>& scale,
                       Tensor<float>& y) {
     const std::string op = BITS == 8 ? "rwkv::MatMulQ8" : "rwkv::MatMulQ4";
-    if (n <= 0)
-      return Invalid(op + ": no attribute n (the number of columns) or n < 1; an export from before tiles of 64 " +
-                     "columns runs with the library it shipped with");
+    int64_t T;
+    RETURN_IF_ERROR(Tiles(op, T));
     Shape xs = x.Shape();
     const Shape& qs = q.Shape();
-    const int64_t T = n / kTile + (n % kTile != 0);  // ceil, without overflow for any n
     if (xs.empty() || qs.size() != 3 || qs[0] != T || qs[2] != kBlockBytes<BITS> || xs.back() != qs[1] * kQBlock ||
         qs[1] == 0)
       return Invalid(op + ": x " + Str(xs) + " and q " + Str(qs) + " do not multiply (q [ceil(n / 64), K / 32, " +
@@ -877,7 +892,6 @@ struct MatMulQ {
     return Ort::Status{nullptr};
   }
 
-  int64_t n = -1;  // y's columns
 };
 
 // ---- rwkv::MatMulF16: y [..., n] = x [..., K] W for fp16 exports on the CPU (--matmul cpu) ----
@@ -1001,8 +1015,8 @@ F16_TARGET __attribute__((always_inline)) inline void HWiden(const uint16_t* src
 
 // R rows of x from m0 over kg rows (from k0) of a tile already in float32, 64 columns. Meanwhile the first `widen`
 // rows of the next chunk (from src) are widened into dst, one a row of this one: spread among the multiply-adds,
-// their loads from memory and conversions overlap them (one thread, 16 rows of a 768 x 3072 product: 0.68 -> 0.60 ms
-// with 6 rows of x a group, in turn 0.70).
+// their loads from memory and conversions overlap them (one thread, 16 rows of 768 x 3072 products read from L3:
+// 0.68-0.70 ms a product widened before its multiply-adds, 0.58-0.63 widened among them, 6 rows of x a group).
 template <int R>
 F16_TARGET __attribute__((always_inline)) inline void HTileWide(const HPart& p, int64_t m0, int64_t k0, int64_t kg,
                                                                 int64_t t, const float* tile, const __mmask16* mask,
@@ -1030,7 +1044,7 @@ F16_TARGET __attribute__((always_inline)) inline void HTileWide(const HPart& p, 
 }
 
 // More than 4 rows of x (batched decode): each 64 rows of a tile are widened once into float32 (16 KB, in L1)
-// that every row of x then reads, 6 rows of x at a time (4 at a time: 0.60 -> 0.64 ms as above). Converted in
+// that every row of x then reads, 6 rows of x at a time (4 at a time: 0.64-0.65 ms as above). Converted in
 // registers per row of x instead, the conversions would cost as much as the multiply-adds at 4 rows.
 F16_TARGET void HProductsAvx512Batched(const HPart& p) {
   constexpr int64_t KB = 64;
@@ -1078,7 +1092,7 @@ F16_TARGET void HProductsAvx512(const HPart& p) {
   }
 }
 
-// With AVX2, F16C and FMA: each tile in two halves of 32 columns, rows of x 4 at a time, all K rows in registers.
+// AVX2 with F16C and FMA.
 #define F16C_TARGET __attribute__((target("avx2,fma,f16c")))
 bool HasF16c() {
   static const bool ok = HasAvx2() && __builtin_cpu_supports("f16c");
@@ -1184,19 +1198,15 @@ void ToHalf(const float* y, int64_t N, int64_t na, int64_t nb, int64_t M, uint16
   }
 }
 
-struct MatMulF16 {
-  MatMulF16(const OrtApi* api, const OrtKernelInfo* info) {
-    if (OrtStatus* missing = api->KernelInfoGetAttribute_int64(info, "n", &n)) api->ReleaseStatus(missing), n = -1;
-  }
+struct MatMulF16 : TiledProduct {
+  using TiledProduct::TiledProduct;
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<Ort::Float16_t>& x, const Tensor<Ort::Float16_t>& w,
                       Tensor<Ort::Float16_t>& y) {
-    if (n <= 0)
-      return Invalid("rwkv::MatMulF16: no attribute n (the number of columns) or n < 1; an export from before tiles "
-                     "of 64 columns runs with the library it shipped with");
+    int64_t T;
+    RETURN_IF_ERROR(Tiles("rwkv::MatMulF16", T));
     Shape xs = x.Shape();
     const Shape& ws = w.Shape();
-    const int64_t T = n / kTile + (n % kTile != 0);  // ceil, without overflow for any n
     if (xs.empty() || ws.size() != 3 || ws[0] != T || ws[2] != kTile || xs.back() != ws[1] || ws[1] == 0)
       return Invalid("rwkv::MatMulF16: x " + Str(xs) + " and w " + Str(ws) + " do not multiply (w [ceil(n / 64), K, " +
                      "64], K > 0, n = " + std::to_string(n) + ")");
@@ -1224,7 +1234,6 @@ struct MatMulF16 {
     return Ort::Status{nullptr};
   }
 
-  int64_t n = -1;  // y's columns
 };
 
 #ifdef RWKV_WITH_CUDA
